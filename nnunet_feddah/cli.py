@@ -1,0 +1,32 @@
+"""``nnfeddah``: one entry point whose sub-commands are the ``python -m nnunet_feddah.<module>`` tools."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: sub-command -> (module whose ``main(argv)`` runs it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("nnunet_feddah.paths", "print the environment variables for a work folder (eval \"$(nnfeddah env --root DIR)\")"),
+    "ext-trainer-path": ("nnunet_feddah.paths", "print the folder to put in nnUNet_extTrainer"),
+    "phantom": ("nnunet_feddah.phantom", "write the AMOS-like phantom cohort as nnU-Net raw datasets"),
+    "plans": ("nnunet_feddah.shared_plans", "install a shared plans template into every site and preprocess"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: nnfeddah <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    if name in ("env", "ext-trainer-path"):
+        return module.main([name, *rest])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
