@@ -10,8 +10,9 @@ typo — map cleanly.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Union
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Task:
         return self.key
 
     @classmethod
-    def parse(cls, spec: Union[str, "Task", Sequence[Union[str, int, Organ]]]) -> "Task":
+    def parse(cls, spec: Union[str, Task, Sequence[Union[str, int, Organ]]]) -> Task:
         """Parse ``"kidneys"``, ``"spleen+pancreas"``, ``"kidneys+liver"`` or a list of organs / groups."""
         if isinstance(spec, Task):
             return spec

@@ -46,7 +46,7 @@ def require_nnunet_env(*names: str) -> dict[str, Path]:
     names = names or NNUNET_DIR_VARS
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
-        raise EnvironmentError(
+        raise OSError(
             f"environment variable(s) {', '.join(missing)} not set. nnU-Net needs them to find its data. "
             f"Fix: eval \"$(nnfeddah env --root <work folder>)\" (or export them by hand, see docs/INSTALL.md)"
         )

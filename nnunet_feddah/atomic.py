@@ -1,0 +1,41 @@
+"""Atomic file writes: readers see the old file or the complete new one, never half of either.
+
+Every artefact that another process reads (weights, metrics, round configs, coordinator checkpoints)
+goes through here: write to a temporary file in the same folder, fsync, ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: os.PathLike | str, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())

@@ -1,0 +1,144 @@
+"""The shared nnU-Net network, built from a plans file, and its *unique* parameter names.
+
+A PlainConvUNet's ``state_dict()`` lists every tensor several times (``all_modules.*`` and
+``decoder.encoder.*`` alias the real modules), so FedDAH never ships or generates the raw state_dict:
+it uses :func:`unique_tensors` — parameters plus buffers, each tensor once under its first name. The
+segmentation heads (``decoder.seg_layers.*``) are the only tensors whose shape depends on the task
+(background + the task's organs); everything else is the *trunk* and is identical at every site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+HEAD_PREFIX = "decoder.seg_layers."
+CONFIGURATION = "3d_fullres"
+
+
+class ArchitectureMismatchError(ValueError):
+    """Weights whose names or shapes do not fit the network they are meant for."""
+
+
+def is_head(name: str) -> bool:
+    """True for segmentation-head tensors, whose first dimension is the task's number of outputs."""
+    return name.startswith(HEAD_PREFIX)
+
+
+def _configuration(plans: Union[Mapping, PlansManager], configuration: str) -> tuple[PlansManager, ConfigurationManager]:
+    manager = plans if isinstance(plans, PlansManager) else PlansManager(dict(plans))
+    return manager, manager.get_configuration(configuration)
+
+
+def num_input_channels(dataset_json: Mapping) -> int:
+    """Input channels as nnU-Net counts them (``channel_names``, or the legacy ``modality``)."""
+    return len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": "CT"})))
+
+
+def build_network(
+    plans: Union[Mapping, PlansManager],
+    num_outputs: int,
+    input_channels: int = 1,
+    configuration: str = CONFIGURATION,
+    deep_supervision: bool = True,
+) -> nn.Module:
+    """Build exactly the network ``nnUNetTrainer.build_network_architecture`` builds for these plans.
+
+    (It calls the same ``get_network_from_plans``; importing the trainer module itself costs seconds.)
+    """
+    _, config = _configuration(plans, configuration)
+    return get_network_from_plans(
+        config.network_arch_class_name,
+        config.network_arch_init_kwargs,
+        config.network_arch_init_kwargs_req_import,
+        input_channels,
+        num_outputs,
+        allow_init=True,
+        deep_supervision=deep_supervision,
+    )
+
+
+def unique_tensors(module: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """Parameters and buffers, each distinct tensor once, in registration order (aliases dropped)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    seen: set[int] = set()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
+    return out
+
+
+def tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in unique_tensors(module).items()}
+
+
+def check_shapes(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str, limit: int = 5
+) -> None:
+    """Raise :class:`ArchitectureMismatchError` listing missing, unexpected and mis-shaped tensors."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found
+             and tuple(found[k]) != tuple(expected[k])]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:limit])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:limit])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {'; '.join(wrong[:limit])})")
+        raise ArchitectureMismatchError(
+            f"{source} does not match the network architecture: {'; '.join(parts)}. "
+            f"The weights were made for another plans file or task; regenerate them for these shared plans."
+        )
+
+
+def load_unique_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Copy ``tensors`` into ``module`` strictly: every unique name, right shapes, finite values.
+
+    Everything is checked before the first copy so a bad file leaves the network untouched.
+    """
+    targets = unique_tensors(module)
+    check_shapes({k: tuple(v.shape) for k, v in targets.items()}, {k: tuple(v.shape) for k, v in tensors.items()},
+                 source)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ArchitectureMismatchError(f"{source} contains NaN/Inf in {', '.join(bad[:5])}; refusing to load it")
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(tensors[name].to(device=target.device, dtype=target.dtype))
+
+
+def _trunk_signature(module: nn.Module) -> list[tuple[str, list[Union[int, str]]]]:
+    """Names and shapes with the task-dependent head dimension written as ``"K"``."""
+    return [(k, ["K", *s[1:]] if is_head(k) else list(s)) for k, s in tensor_shapes(module).items()]
+
+
+def architecture_fingerprint(plans: Union[Mapping, PlansManager], input_channels: int = 1,
+                             configuration: str = CONFIGURATION) -> str:
+    """Hash of the network class, its init kwargs, the input channels and every unique tensor's name/shape.
+
+    Two sites get the same fingerprint exactly when DAHyper can generate one set of weights for both.
+    The task-dependent output dimension of the heads is left out.
+    """
+    manager, config = _configuration(plans, configuration)
+    with torch.device("meta"):
+        network = build_network(manager, 2, input_channels, configuration)
+    payload = {
+        "network_class": config.network_arch_class_name,
+        "arch_kwargs": config.network_arch_init_kwargs,
+        "input_channels": input_channels,
+        "tensors": _trunk_signature(network),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return f"sha256:{digest[:32]}"

@@ -1,0 +1,125 @@
+"""The round configuration a site hands to FedDAHTrainer.
+
+``nnUNetv2_train`` passes no extra arguments to a trainer, so a FedDAH round is described by a JSON
+file whose path is in the environment variable ``FEDDAH_ROUND_CONFIG`` (the site runner writes it;
+in-process callers pass a :class:`RoundConfig` directly). No nnU-Net import here: the coordinator
+and the site runner build configs without paying nnU-Net's start-up cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.organs import Task, UnknownOrganError
+
+ENV_VAR = "FEDDAH_ROUND_CONFIG"
+
+
+class RoundConfigError(ValueError):
+    """A round configuration that cannot be run; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """One site's local training for one round.
+
+    ``epoch_offset``/``total_epochs`` place this round on the federation-wide poly learning-rate curve,
+    so the learning rate decays across rounds instead of restarting at ``initial_lr`` every round.
+    """
+
+    task: str
+    output_weights: str
+    output_metrics: str
+    initial_weights: str | None = None
+    epochs: int = 1
+    iterations_per_epoch: int = 10
+    val_iterations_per_epoch: int = 2
+    epoch_offset: int = 0
+    total_epochs: int | None = None
+    initial_lr: float = 1e-2
+    validate: bool = True
+    max_validation_cases: int | None = None
+    seed: int | None = None
+    source: str = "<in-memory>"
+
+    @property
+    def parsed_task(self) -> Task:
+        return Task.parse(self.task)
+
+    @property
+    def lr_horizon(self) -> int:
+        return self.total_epochs if self.total_epochs is not None else self.epoch_offset + self.epochs
+
+    def validate_fields(self) -> RoundConfig:
+        """Check every field; raise :class:`RoundConfigError` naming the first bad one and the fix."""
+        where = f"round config {self.source}"
+        try:
+            _ = self.parsed_task
+        except UnknownOrganError as exc:
+            raise RoundConfigError(f"{where}: field 'task' ({self.task!r}): {exc}") from exc
+        for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RoundConfigError(f"{where}: field '{name}' must be an integer >= 1, got {value!r}")
+        if not isinstance(self.epoch_offset, int) or self.epoch_offset < 0:
+            raise RoundConfigError(f"{where}: field 'epoch_offset' must be an integer >= 0, got {self.epoch_offset!r}")
+        if self.lr_horizon < self.epoch_offset + self.epochs:
+            raise RoundConfigError(
+                f"{where}: field 'total_epochs' ({self.total_epochs}) is smaller than epoch_offset + epochs "
+                f"({self.epoch_offset + self.epochs}); set it to the federation's total number of local epochs"
+            )
+        if not (isinstance(self.initial_lr, (int, float)) and self.initial_lr > 0):
+            raise RoundConfigError(f"{where}: field 'initial_lr' must be > 0, got {self.initial_lr!r}")
+        for name in ("output_weights", "output_metrics"):
+            if not getattr(self, name):
+                raise RoundConfigError(f"{where}: field '{name}' is required (where to write the round's result)")
+        if self.initial_weights and not Path(self.initial_weights).is_file():
+            raise RoundConfigError(f"{where}: field 'initial_weights' points to {self.initial_weights}, which does not exist")
+        return self
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<in-memory>") -> RoundConfig:
+        known = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RoundConfigError(f"round config {source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        if "task" not in data:
+            raise RoundConfigError(f"round config {source}: field 'task' is required (e.g. \"kidneys\")")
+        return cls(**{k: v for k, v in data.items()}, source=source).validate_fields()
+
+    @classmethod
+    def load(cls, path: os.PathLike | str) -> RoundConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise RoundConfigError(f"round config {path} does not exist (from ${ENV_VAR}); fix the path") from exc
+        except json.JSONDecodeError as exc:
+            raise RoundConfigError(f"round config {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RoundConfigError(f"round config {path} must be a JSON object")
+        base = path.parent
+        for key in ("output_weights", "output_metrics", "initial_weights"):
+            if data.get(key) and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])  # relative paths are relative to the config file
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_env(cls) -> RoundConfig | None:
+        value = os.environ.get(ENV_VAR)
+        return cls.load(value) if value else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("source")
+        return out
+
+    def save(self, path: os.PathLike | str) -> Path:
+        atomic_write_json(Path(path), self.to_json())
+        return Path(path)

@@ -1,0 +1,78 @@
+"""Per-organ Dice of a task network on a site's validation cases, in nnU-Net's preprocessed space.
+
+The site's ground truth is in AMOS ids while the network predicts task channels, so nnU-Net's own
+``perform_actual_validation`` (which compares exported predictions with ``gt_segmentations``) cannot
+be used as is. Here we run nnU-Net's sliding-window predictor on the preprocessed validation cases,
+remap the reference with the task's lookup table and count with nnU-Net's ``compute_tp_fp_fn_tn``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch import nn
+
+from nnunet_feddah.organs import Task
+
+
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """nnU-Net's convention: Dice is NaN when neither reference nor prediction contain the structure."""
+    denominator = 2 * tp + fp + fn
+    return float("nan") if denominator == 0 else float(2 * tp / denominator)
+
+
+def organ_dice(
+    network: nn.Module,
+    plans_manager: Any,
+    configuration_manager: Any,
+    task_dataset_json: Mapping,
+    dataset: Any,
+    case_ids: Sequence[str],
+    task: Task,
+    device: torch.device,
+    tile_step_size: float = 0.5,
+) -> dict[str, Any]:
+    """Predict ``case_ids`` with ``network`` and score every task organ.
+
+    Returns per-organ mean Dice over cases (NaN-aware, like nnU-Net's summary.json), per-organ Dice
+    over all voxels pooled, the per-case values and the time taken.
+    """
+    start = time.perf_counter()
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=True, device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, configuration_manager, None, dict(task_dataset_json),
+                                    "FedDAHTrainer", None)
+    lut = np.asarray(task.amos_to_task_lut() + [0] * (256 - len(task.amos_to_task_lut())), dtype=np.int16)
+    per_case: dict[str, dict[str, float]] = {}
+    pooled = np.zeros((len(task.organs), 3), dtype=np.float64)
+    with torch.no_grad():
+        for case in case_ids:
+            data, seg, _, _ = dataset.load_case(case)
+            logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:])))
+            prediction = logits.argmax(0).cpu().numpy()
+            reference = lut[np.clip(np.asarray(seg[0]), 0, 255)]
+            per_case[case] = {}
+            for i, organ in enumerate(task.organs, start=1):
+                tp, fp, fn, _ = compute_tp_fp_fn_tn(reference == i, prediction == i)
+                pooled[i - 1] += (tp, fp, fn)
+                per_case[case][organ.key] = dice_from_counts(tp, fp, fn)
+    mean_per_organ = {}
+    for organ in task.organs:
+        values = [per_case[c][organ.key] for c in per_case if not np.isnan(per_case[c][organ.key])]
+        mean_per_organ[organ.key] = float(np.mean(values)) if values else float("nan")
+    valid = [v for v in mean_per_organ.values() if not np.isnan(v)]
+    return {
+        "dice": mean_per_organ,
+        "mean_dice": float(np.mean(valid)) if valid else float("nan"),
+        "pooled_dice": {o.key: dice_from_counts(*pooled[i]) for i, o in enumerate(task.organs)},
+        "per_case": per_case,
+        "cases": list(case_ids),
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,88 @@
+"""Unique tensor naming, architecture fingerprints and the weights file format."""
+
+import json
+
+import pytest
+import torch
+
+from nnunet_feddah import network as net
+from nnunet_feddah.paths import bundled_plans_dir
+from nnunet_feddah.weights import WeightsFileError, load_weights, read_header, save_weights
+
+
+def _template(name: str = "template_cpu.json") -> dict:
+    return json.loads((bundled_plans_dir() / name).read_text())
+
+
+def test_unique_tensors_drop_the_state_dict_aliases():
+    model = net.build_network(_template(), num_outputs=3)
+    unique = net.unique_tensors(model)
+    state = model.state_dict()
+    assert len(state) > 2 * len(unique)  # all_modules.* and decoder.encoder.* aliases
+    assert not any(".all_modules." in k or k.startswith("decoder.encoder.") for k in unique)
+    distinct = {t.data_ptr() for t in state.values()}
+    assert len(distinct) == len(unique)
+    assert sum(t.numel() for t in unique.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_strict_load_round_trips_and_refuses_bad_weights():
+    plans = _template()
+    source, target = net.build_network(plans, 3), net.build_network(plans, 3)
+    net.load_unique_tensors(target, {k: v.detach().clone() for k, v in net.unique_tensors(source).items()})
+    x = torch.randn(1, 1, 48, 64, 64)
+    source.eval(), target.eval()
+    with torch.no_grad():
+        assert torch.equal(source(x)[0], target(x)[0])
+
+    before = {k: v.detach().clone() for k, v in net.unique_tensors(target).items()}
+    other_task = net.unique_tensors(net.build_network(plans, 4))
+    with pytest.raises(net.ArchitectureMismatchError, match="wrong shape.*seg_layers"):
+        net.load_unique_tensors(target, other_task, source="w.safetensors")
+    bad = {k: v.detach().clone() for k, v in net.unique_tensors(source).items()}
+    bad["encoder.stages.0.0.convs.0.conv.weight"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(net.ArchitectureMismatchError, match="NaN"):
+        net.load_unique_tensors(target, bad)
+    missing = dict(list(net.unique_tensors(source).items())[1:])
+    with pytest.raises(net.ArchitectureMismatchError, match="1 missing"):
+        net.load_unique_tensors(target, missing)
+    assert all(torch.equal(before[k], v) for k, v in net.unique_tensors(target).items())
+
+
+def test_fingerprint_ignores_the_task_head_but_not_the_trunk():
+    plans = _template()
+    fp = net.architecture_fingerprint(plans)
+    assert fp.startswith("sha256:") and fp == net.architecture_fingerprint(plans)
+    wider = _template()
+    wider["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 96]
+    assert net.architecture_fingerprint(wider) != fp
+    relu = _template()
+    relu["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "torch.nn.ReLU"
+    assert net.architecture_fingerprint(relu) != fp  # same shapes, different network
+    assert net.architecture_fingerprint(plans, input_channels=2) != fp
+
+
+def test_amos_template_is_the_31m_parameter_network():
+    with torch.device("meta"):
+        model = net.build_network(_template("template_amos.json"), num_outputs=16)
+    assert 30e6 < sum(p.numel() for p in model.parameters()) < 32e6
+
+
+def test_weights_file_round_trip_and_errors(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float32)}
+    path = save_weights(tmp_path / "w.safetensors", tensors, {"task": "kidneys"})
+    shapes, meta = read_header(path)
+    assert shapes == {"a": (3, 4), "b": (5,)} and meta["task"] == "kidneys"
+    loaded, _ = load_weights(path)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary files left
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsFileError, match="junk.safetensors.*not a readable safetensors"):
+        read_header(tmp_path / "junk.safetensors")
+    with pytest.raises(WeightsFileError, match="does not exist"):
+        read_header(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(WeightsFileError, match="field 'format'"):
+        read_header(tmp_path / "foreign.safetensors")
