@@ -16,12 +16,14 @@ JSON; every other hospital runs ``install --plans-file`` on its own machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +57,15 @@ def dataset_name(dataset: str | int) -> str:
     """``501`` or ``Dataset501_X`` -> the dataset folder name, with a clear error if it is not in nnUNet_raw."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    raw = require_nnunet_env("nnUNet_raw")["nnUNet_raw"]
     try:
-        return maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else str(dataset))
-    except RuntimeError as exc:
+        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else str(dataset))
+    except (RuntimeError, ValueError) as exc:
         raise SharedPlansError(f"dataset {dataset!r} not found in $nnUNet_raw ({exc}); write it first "
                                f"(e.g. `nnfeddah phantom`)") from exc
+    if not (raw / name / "dataset.json").is_file():
+        raise SharedPlansError(f"dataset {dataset!r} not found: {raw / name / 'dataset.json'} does not exist")
+    return name
 
 
 def dataset_id(name: str) -> int:
@@ -116,6 +122,18 @@ def _stamp_fingerprint(plans_file: Path, fingerprint: str, source: str) -> None:
     atomic_write_json(plans_file, plans)
 
 
+@contextlib.contextmanager
+def _quiet(what: str) -> Iterator[None]:
+    """Hide nnU-Net's chatter (it prints whole plans dicts); show it only if the step fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(f"--- nnU-Net output of the failed step ({what}) ---\n{buffer.getvalue()}\n")
+        raise
+
+
 def install(datasets: Sequence[str | int], template: str | None = None, plans_file: str | None = None,
             reference: str | int | None = None, num_processes: int = 2, verify: bool = True,
             log=print) -> dict[str, str]:
@@ -138,8 +156,10 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     for name in dict.fromkeys([ref, *names]):
         start = time.perf_counter()
         (folders["nnUNet_preprocessed"] / name).mkdir(parents=True, exist_ok=True)
-        extract_fingerprint_dataset(dataset_id(name), num_processes=num_processes, check_dataset_integrity=verify,
-                                    clean=True, verbose=False, show_progress_bar=False)
+        with _quiet(f"fingerprint of {name}"):
+            extract_fingerprint_dataset(dataset_id(name), num_processes=num_processes,
+                                        check_dataset_integrity=verify, clean=True, verbose=False,
+                                        show_progress_bar=False)
         shutil.copy(folders["nnUNet_raw"] / name / "dataset.json", folders["nnUNet_preprocessed"] / name / "dataset.json")
         log(f"[plans] {name}: fingerprint{' + integrity check' if verify else ''} in {time.perf_counter() - start:.1f} s")
 
@@ -151,19 +171,21 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     fingerprints: dict[str, str] = {}
     for name in names:
         target = folders["nnUNet_preprocessed"] / name / f"{plans_name}.json"
-        if origin is None:  # a plans file from elsewhere: put it in place, let nnU-Net adapt it to this dataset
-            atomic_write_json(target, shared)
-            move_plans_between_datasets(name, name, plans_name, plans_name)
-        elif name != origin:
-            move_plans_between_datasets(origin, name, plans_name, plans_name)
+        with _quiet(f"plans for {name}"):
+            if origin is None:  # a plans file from elsewhere: put it in place, let nnU-Net adapt it to this dataset
+                atomic_write_json(target, shared)
+                move_plans_between_datasets(name, name, plans_name, plans_name)
+            elif name != origin:
+                move_plans_between_datasets(origin, name, plans_name, plans_name)
         fingerprints[name] = site_fingerprint(name, plans_name)
         _stamp_fingerprint(target, fingerprints[name], source)
     if len(set(fingerprints.values())) != 1:
         raise SharedPlansError(f"sites ended up with different architectures: {fingerprints}")
     for name in names:
         start = time.perf_counter()
-        preprocess_dataset(dataset_id(name), plans_name, [CONFIGURATION], [num_processes], verbose=False,
-                           show_progress_bar=False)
+        with _quiet(f"preprocessing of {name}"):
+            preprocess_dataset(dataset_id(name), plans_name, [CONFIGURATION], [num_processes], verbose=False,
+                               show_progress_bar=False)
         log(f"[plans] {name}: preprocessed with {plans_name} in {time.perf_counter() - start:.1f} s")
     return fingerprints
 
