@@ -1,0 +1,293 @@
+"""DAHyper: one hypernetwork that generates the complete weights of the shared network for any task.
+
+Plain torch: it knows tensor names and shapes, never nnU-Net. The structure (see docs/METHOD.md):
+
+* **Task embeddings** ``z_t ∈ R^d``, drawn from ``N(μ_z, σ²)`` when a task is registered.
+* **Stage 1 — per-layer codes, with the inter-layer encoder.** For the l-th generated tensor
+  ``c_{t,l} = tanh(E_l z_t + F c_{t,l-1})``: ``E_l`` is the layer's own embedding projection, ``F`` is one
+  matrix shared by all layers that carries what was generated for the previous layer into the next
+  (switch it off with ``layer_encoder=False``: then ``c_{t,l} = tanh(E_l z_t)``).
+* **Stage 2 — weight generators**, linear in the code so that AMR can refit them in closed form:
+  every tensor is ``W_t = base + Δ(c_{t,l})`` where the shared ``base`` is a full-size network (the first
+  upload) and the task-conditioned delta is
+    - *dense*: ``Δ = reshape(G c)`` for small tensors (biases, norm scales/shifts, small kernels), or
+    - *low-rank*: ``Δ = reshape(G_A c) · reshape(G_B c)ᵀ`` (rank ``r``) for large kernels, where a
+      kernel of shape ``(m, n₁, n₂, …)`` is the matrix ``m × (n₁ n₂ …)``.
+* **Organ-keyed heads.** A task's segmentation output is background + its organs, so every head row is
+  generated for a *(task, organ)* pair: ``row = head_base[organ] + G (c_{t,l} ⊗ e_organ)`` with learned
+  organ embeddings ``e``. Tasks with different organ counts share one DAHyper, and a new task can start
+  from the rows an organ already learned in another task.
+
+Why a shared base plus deltas instead of generating every weight from scratch: fidelity comes first
+(a generated model worse than the upload throws away a site's work), and a hypernetwork that must emit
+all 30 M AMOS weights from a 32-dimensional embedding cannot reproduce a trained network. Measured in
+docs/METHOD.md and ``scripts/bench_server.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+BACKGROUND = 0
+
+
+@dataclass(frozen=True)
+class DAHyperConfig:
+    """Sizes of the hypernetwork. ``code_dim`` bounds how many tasks are held exactly (see METHOD.md)."""
+
+    embedding_dim: int = 32  # d: task embedding z_t
+    code_dim: int = 32  # h: per-layer code c_{t,l}
+    rank: int = 16  # r: rank of low-rank deltas for large kernels
+    organ_embedding_dim: int = 8  # k: organ embedding for head rows
+    num_organ_slots: int = 16  # background + AMOS organs 1..15 (head rows of the base network)
+    layer_encoder: bool = True  # inter-layer consistency encoder F on/off (ablation)
+    embedding_mean: float = 0.0  # μ_z
+    embedding_std: float = 1.0  # σ
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "code_dim", "rank", "organ_embedding_dim", "num_organ_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DAHyperConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.embedding_std <= 0:
+            raise ValueError(f"DAHyperConfig.embedding_std must be > 0, got {self.embedding_std}")
+
+
+@dataclass
+class TaskRecord:
+    """What the coordinator knows about one task: its organs (AMOS ids, output order) and its history."""
+
+    key: str
+    organs: list[int]
+    first_round: int | None = None
+    rounds_seen: list[int] = field(default_factory=list)
+    contributors: list[str] = field(default_factory=list)
+
+    @property
+    def output_slots(self) -> list[int]:
+        """Organ slot per output channel: background first, then the organs in task order."""
+        return [BACKGROUND, *self.organs]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One generated tensor: how its delta is parameterised."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "dense" | "lowrank" | "head" | "fixed"
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:])
+
+
+class TargetMismatchError(ValueError):
+    """Target weights whose names, shapes or values cannot be fitted; raised before anything changes."""
+
+
+def _unit_kind(name: str, shape: tuple[int, ...], is_head: bool, floating: bool, rank: int) -> str:
+    if not floating:
+        return "fixed"
+    if is_head:
+        return "head"
+    if len(shape) >= 2 and shape[0] > 1 and math.prod(shape[1:]) > 1:
+        m, n = shape[0], math.prod(shape[1:])
+        if rank * (m + n) < m * n:
+            return "lowrank"
+    return "dense"
+
+
+class DAHyper:
+    """Task identity → complete weights of the shared network (trunk and organ-keyed heads).
+
+    Construct it from the unique tensors of the network built with ``num_organ_slots`` outputs
+    (background + every AMOS organ): those tensors are the initial base, and their head rows are the
+    initial rows of each organ.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], is_head: Callable[[str], bool],
+                 config: DAHyperConfig | None = None) -> None:
+        self.config = config or DAHyperConfig()
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.units: list[Unit] = []
+        self.base: dict[str, torch.Tensor] = {}
+        self.params: dict[str, torch.Tensor] = {}
+        h = cfg.code_dim
+        for name, tensor in base.items():
+            shape = tuple(tensor.shape)
+            head = is_head(name)
+            if head and shape[0] != cfg.num_organ_slots:
+                raise TargetMismatchError(
+                    f"head tensor {name} has {shape[0]} output rows; DAHyper needs the base network built with "
+                    f"num_organ_slots={cfg.num_organ_slots} outputs (background + every organ)")
+            unit = Unit(name, shape, _unit_kind(name, shape, head, tensor.is_floating_point(), cfg.rank))
+            self.units.append(unit)
+            self.base[name] = tensor.detach().to("cpu").clone()
+            if unit.kind == "fixed":
+                continue
+            self.params[f"{name}::E"] = torch.randn(h, cfg.embedding_dim, generator=generator) / math.sqrt(
+                cfg.embedding_dim)
+            if unit.kind == "dense":
+                self.params[f"{name}::G"] = torch.zeros(tensor.numel(), h)
+            elif unit.kind == "lowrank":
+                m, n = unit.matrix_shape
+                self.params[f"{name}::GA"] = torch.zeros(m * cfg.rank, h)
+                self.params[f"{name}::GB"] = torch.zeros(n * cfg.rank, h)
+            else:
+                self.params[f"{name}::G"] = torch.zeros(unit.row_numel, h * cfg.organ_embedding_dim)
+        self.params["encoder::F"] = (torch.randn(h, h, generator=generator) / math.sqrt(h)
+                                     if cfg.layer_encoder else torch.zeros(h, h))
+        self.params["organs::embedding"] = torch.randn(cfg.num_organ_slots, cfg.organ_embedding_dim,
+                                                       generator=generator)
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.tasks: dict[str, TaskRecord] = {}
+        self._generator = generator
+        self.has_base_fit = False  # becomes True when the base is set from the first upload
+
+    # ------------------------------------------------------------------ registry
+    def register(self, key: str, organs: Sequence[int], round_index: int | None = None) -> TaskRecord:
+        """Add a task with a fresh embedding ``z ~ N(μ_z, σ²)``; registering twice is an error."""
+        if key in self.tasks:
+            raise ValueError(f"task {key!r} is already registered")
+        bad = [o for o in organs if not 0 < int(o) < self.config.num_organ_slots]
+        if bad or not organs:
+            raise ValueError(f"task {key!r}: organ ids must be 1..{self.config.num_organ_slots - 1}, got {list(organs)}")
+        cfg = self.config
+        self.embeddings[key] = cfg.embedding_mean + cfg.embedding_std * torch.randn(cfg.embedding_dim,
+                                                                                    generator=self._generator)
+        record = TaskRecord(key, [int(o) for o in organs], first_round=round_index)
+        self.tasks[key] = record
+        return record
+
+    # ------------------------------------------------------------------ shapes
+    def output_shapes(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors :meth:`generate` returns for a task."""
+        rows = len(self.tasks[key].output_slots)
+        return {u.name: ((rows, *u.shape[1:]) if u.kind == "head" else u.shape) for u in self.units}
+
+    # ------------------------------------------------------------------ stage 1
+    def codes(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
+              embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-layer codes ``c_{t,l}`` of a task, layer by layer through the inter-layer encoder."""
+        p = self.params if params is None else params
+        z = self.embeddings[key] if embedding is None else embedding
+        F = p["encoder::F"]
+        previous = torch.zeros(self.config.code_dim, dtype=z.dtype)
+        out: dict[str, torch.Tensor] = {}
+        for unit in self.units:
+            if unit.kind == "fixed":
+                continue
+            code = torch.tanh(p[f"{unit.name}::E"] @ z + F @ previous)
+            out[unit.name] = code
+            previous = code
+        return out
+
+    def head_features(self, code: torch.Tensor, slots: Sequence[int],
+                      params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Features ``c ⊗ e_organ`` of head rows, one column per output slot."""
+        p = self.params if params is None else params
+        organ = p["organs::embedding"][list(slots)]  # (rows, k)
+        return torch.einsum("h,rk->hkr", code, organ).reshape(-1, len(slots))
+
+    # ------------------------------------------------------------------ stage 2
+    def factors(self, unit: Unit, code: torch.Tensor,
+                params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.params if params is None else params
+        m, n = unit.matrix_shape
+        r = self.config.rank
+        return (p[f"{unit.name}::GA"] @ code).reshape(m, r), (p[f"{unit.name}::GB"] @ code).reshape(n, r)
+
+    def generate_unit(self, unit: Unit, code: torch.Tensor | None, slots: Sequence[int],
+                      params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        p = self.params if params is None else params
+        base = self.base[unit.name]
+        if unit.kind == "fixed":
+            return base.clone()
+        if unit.kind == "dense":
+            return base + (p[f"{unit.name}::G"] @ code).reshape(unit.shape)
+        if unit.kind == "lowrank":
+            a, b = self.factors(unit, code, p)
+            return base + (a @ b.T).reshape(unit.shape)
+        rows = (p[f"{unit.name}::G"] @ self.head_features(code, slots, p)).T  # (rows, row_numel)
+        return base[list(slots)] + rows.reshape(len(slots), *unit.shape[1:])
+
+    def generate(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
+                 embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The complete weights of the task's network: ``{unique name: tensor}``, heads with 1+K rows."""
+        if key not in self.tasks:
+            raise KeyError(f"task {key!r} is not registered; known tasks: {sorted(self.tasks) or 'none'}")
+        codes = self.codes(key, params, embedding)
+        slots = self.tasks[key].output_slots
+        with torch.set_grad_enabled(params is not None):
+            return {u.name: self.generate_unit(u, codes.get(u.name), slots, params) for u in self.units}
+
+    # ------------------------------------------------------------------ checks
+    def check_target(self, key: str, target: Mapping[str, torch.Tensor], source: str = "target") -> None:
+        """Raise :class:`TargetMismatchError` for missing/extra names, wrong shapes or non-finite values."""
+        expected = self.output_shapes(key)
+        missing = [n for n in expected if n not in target]
+        extra = [n for n in target if n not in expected]
+        wrong = [f"{n} {tuple(target[n].shape)} != {expected[n]}" for n in expected
+                 if n in target and tuple(target[n].shape) != expected[n]]
+        bad = [n for n, v in target.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if extra:
+            problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
+        if wrong:
+            problems.append(f"{len(wrong)} wrong shape (e.g. {'; '.join(wrong[:3])})")
+        if bad:
+            problems.append(f"NaN/Inf in {', '.join(bad[:3])}")
+        if problems:
+            raise TargetMismatchError(f"{source} for task {key!r} cannot be fitted: {'; '.join(problems)}")
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self) -> int:
+        """Stored numbers: generators, encoder, organ embeddings, base, task embeddings."""
+        return (sum(v.numel() for v in self.params.values()) + sum(v.numel() for v in self.base.values())
+                + sum(v.numel() for v in self.embeddings.values()))
+
+    def nbytes(self) -> int:
+        tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values()]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (flat names) and a JSON-able description, enough to rebuild this object exactly."""
+        tensors = {f"param/{k}": v for k, v in self.params.items()}
+        tensors.update({f"base/{k}": v for k, v in self.base.items()})
+        tensors.update({f"embedding/{k}": v for k, v in self.embeddings.items()})
+        tensors["rng/state"] = self._generator.get_state()
+        info = {
+            "config": asdict(self.config),
+            "units": [[u.name, list(u.shape), u.kind] for u in self.units],
+            "tasks": [asdict(t) for t in self.tasks.values()],
+            "has_base_fit": self.has_base_fit,
+        }
+        return tensors, info
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], info: Mapping) -> DAHyper:
+        config = DAHyperConfig(**info["config"])
+        base = {name: tensors[f"base/{name}"] for name, _, _ in info["units"]}
+        heads = {name for name, _, kind in info["units"] if kind == "head"}
+        hyper = cls(base, lambda n: n in heads, config)
+        if [[u.name, list(u.shape), u.kind] for u in hyper.units] != [list(x) for x in info["units"]]:
+            raise TargetMismatchError("stored DAHyper units do not match its base tensors; the file is corrupt")
+        hyper.params = {k: tensors[f"param/{k}"].clone() for k in hyper.params}
+        hyper.tasks = {t["key"]: TaskRecord(**t) for t in info["tasks"]}
+        hyper.embeddings = {k: tensors[f"embedding/{k}"].clone() for k in hyper.tasks}
+        hyper._generator.set_state(tensors["rng/state"].clone())
+        hyper.has_base_fit = bool(info["has_base_fit"])
+        return hyper

@@ -1,0 +1,178 @@
+"""DAHyper + AMR on the CPU plan's real network shapes with random (low-rank) targets — seconds, no data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunet_feddah.amr import AMR, AMRConfig, js_divergence, relative_l2
+from nnunet_feddah.dahyper import DAHyper, DAHyperConfig, TargetMismatchError
+from nnunet_feddah.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
+from nnunet_feddah.network import build_network, hypernet_base, is_head, load_unique_tensors
+from nnunet_feddah.paths import bundled_plans_dir
+
+FINGERPRINT = "sha256:test"
+
+
+@pytest.fixture(scope="module")
+def plans() -> dict:
+    return json.loads((bundled_plans_dir() / "template_cpu.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def base(plans) -> dict:
+    return hypernet_base(plans)
+
+
+def make_amr(base, beta: float = 1.0, **config) -> AMR:
+    return AMR(DAHyper(base, is_head, DAHyperConfig(**config)), AMRConfig(beta=beta))
+
+
+def trained_like(hyper: DAHyper, key: str, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """The task's current weights plus a rank-2 change per kernel and noise on small tensors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in hyper.generate(key).items():
+        if w.ndim >= 2 and w.shape[0] > 1:
+            m, n = w.shape[0], w[0].numel()
+            change = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) / 2 ** 0.5
+            out[name] = w + scale * w.std() * change.reshape(w.shape)
+        else:
+            out[name] = w + scale * (w.std() if w.numel() > 1 else 1.0) * torch.randn(w.shape, generator=g)
+    return out
+
+
+def test_generated_weights_load_strictly_and_run(base, plans):
+    amr = make_amr(base)
+    amr.allocate("kidneys", [2, 3])
+    weights = amr.hyper.generate("kidneys")
+    assert weights["decoder.seg_layers.0.weight"].shape[0] == 3
+    network = build_network(plans, 3)
+    load_unique_tensors(network, weights, "generated")
+    with torch.no_grad():
+        out = network(torch.zeros(1, 1, 32, 32, 32))
+    assert out[0].shape == (1, 3, 32, 32, 32)
+
+
+def test_first_upload_becomes_base_and_later_uploads_fit(base):
+    amr = make_amr(base)
+    amr.allocate("kidneys", [2, 3])
+    first = trained_like(amr.hyper, "kidneys", 1, scale=1.0)
+    report = amr.update("kidneys", first, round_index=1, source="site1")
+    assert report.rebased and report.fidelity_rel_l2 < 1e-6
+    second = trained_like(amr.hyper, "kidneys", 2)
+    report = amr.update("kidneys", second, round_index=2, source="site1")
+    assert report.similarity is None  # same site continues its own training
+    assert report.fidelity_rel_l2 < 1e-4, report
+
+
+def test_new_task_starts_from_organ_rows_of_known_tasks(base):
+    amr = make_amr(base)
+    amr.allocate("kidneys", [2, 3])
+    amr.update("kidneys", trained_like(amr.hyper, "kidneys", 1, scale=1.0), round_index=1, source="a")
+    amr.update("kidneys", trained_like(amr.hyper, "kidneys", 2), round_index=2, source="a")
+    kidneys = amr.hyper.generate("kidneys")
+    amr.allocate("liver+left_kidney", [6, 3])
+    new = amr.hyper.generate("liver+left_kidney")
+    head = "decoder.seg_layers.0.weight"
+    torch.testing.assert_close(new[head][2], kidneys[head][2], atol=1e-5, rtol=0)  # left kidney row reused
+    torch.testing.assert_close(new[head][1], amr.hyper.base[head][6])  # liver: organ's initial row
+    assert relative_l2(new, {k: v for k, v in kidneys.items() if not is_head(k)} | {
+        k: new[k] for k in new if is_head(k)}) < 1e-4
+
+
+def _drift_after_new_tasks(base, beta: float, n_new: int = 5) -> float:
+    amr = make_amr(base, beta=beta)
+    amr.allocate("spleen", [1])
+    amr.update("spleen", trained_like(amr.hyper, "spleen", 0, scale=1.0), round_index=1, source="a")
+    amr.update("spleen", trained_like(amr.hyper, "spleen", 1), round_index=2, source="a")
+    amr.allocate("liver", [6])
+    amr.update("liver", trained_like(amr.hyper, "liver", 2), round_index=3, source="a")
+    reference = amr.hyper.generate("liver")
+    organs = [2, 3, 10, 7, 8, 9, 4]
+    for i in range(n_new):
+        key = f"task{i}"
+        amr.allocate(key, [organs[i]])
+        report = amr.update(key, trained_like(amr.hyper, key, 10 + i), round_index=4 + i, source="b")
+        assert report.fidelity_rel_l2 < 1e-3
+    return relative_l2(amr.hyper.generate("liver"), reference)
+
+
+def test_historical_regulariser_protects_old_tasks_and_ablation_forgets(base):
+    protected = _drift_after_new_tasks(base, beta=1.0)
+    ablated = _drift_after_new_tasks(base, beta=0.0)
+    assert protected < 1e-3
+    assert ablated > 10 * protected and ablated > 1e-3
+
+
+def test_similarity_weight_prefers_near_copies(base, plans):
+    amr = make_amr(base)
+    amr.allocate("liver", [6])
+    amr.update("liver", trained_like(amr.hyper, "liver", 1, scale=1.0), round_index=1, source="a")
+    history = amr.hyper.generate("liver")
+    near = {k: v + 1e-3 * v.std() * torch.randn_like(v) if v.numel() > 1 else v for k, v in history.items()}
+    fresh = hypernet_base(plans, seed=5)  # an untrained network: same shapes, unrelated values
+    unrelated = {k: (v[[0, 6]] if is_head(k) else v) for k, v in fresh.items()}
+    assert js_divergence(history, near) < 0.01 < js_divergence(history, unrelated)
+    report_near = amr.update("liver", near, round_index=2, source="b")
+    hyper2 = make_amr(base)
+    hyper2.allocate("liver", [6])
+    hyper2.update("liver", history, round_index=1, source="a")
+    report_far = hyper2.update("liver", unrelated, round_index=2, source="b")
+    assert report_near.similarity > report_far.similarity
+
+
+def test_bad_targets_raise_before_any_change(base):
+    amr = make_amr(base)
+    amr.allocate("kidneys", [2, 3])
+    amr.update("kidneys", trained_like(amr.hyper, "kidneys", 1, scale=1.0), round_index=1, source="a")
+    before = {k: v.clone() for k, v in amr.hyper.params.items()}
+    base_before = {k: v.clone() for k, v in amr.hyper.base.items()}
+    good = trained_like(amr.hyper, "kidneys", 2)
+    name = next(iter(good))
+    bad_inputs = {
+        "missing": {k: v for k, v in good.items() if k != name},
+        "extra": {**good, "surprise.weight": torch.zeros(1)},
+        "shape": {**good, name: good[name][:1]},
+        "nan": {**good, name: torch.full_like(good[name], float("nan"))},
+        "inf": {**good, name: torch.full_like(good[name], float("inf"))},
+    }
+    for kind, upload in bad_inputs.items():
+        with pytest.raises(TargetMismatchError):
+            amr.update("kidneys", upload, round_index=2, source="a")
+        for k, v in before.items():
+            assert torch.equal(amr.hyper.params[k], v), kind
+        for k, v in base_before.items():
+            assert torch.equal(amr.hyper.base[k], v), kind
+        assert amr.hyper.tasks["kidneys"].rounds_seen == [1], kind
+
+
+def test_save_load_round_trip_is_bit_exact(base, tmp_path):
+    amr = make_amr(base)
+    amr.allocate("kidneys", [2, 3])
+    amr.update("kidneys", trained_like(amr.hyper, "kidneys", 1, scale=1.0), round_index=1, source="a")
+    amr.allocate("liver", [6])
+    amr.update("liver", trained_like(amr.hyper, "liver", 2), round_index=2, source="b")
+    path = save_hypernet(tmp_path / "hyper.safetensors", amr.hyper, FINGERPRINT)
+    loaded = load_hypernet(path, FINGERPRINT)
+    for key in ("kidneys", "liver"):
+        for name, tensor in amr.hyper.generate(key).items():
+            assert torch.equal(loaded.generate(key)[name], tensor)
+    assert loaded.tasks == amr.hyper.tasks
+    # the random state travels too: the next registration draws the same embedding
+    amr.hyper.register("spleen", [1])
+    loaded.register("spleen", [1])
+    assert torch.equal(loaded.embeddings["spleen"], amr.hyper.embeddings["spleen"])
+    with pytest.raises(HypernetFileError, match="architecture_fingerprint"):
+        load_hypernet(path, "sha256:other")
+    with pytest.raises(HypernetFileError, match="does not exist"):
+        load_hypernet(tmp_path / "nope.safetensors")
+
+
+def test_encoder_switch_changes_codes_only_when_enabled(base):
+    with_encoder = DAHyper(base, is_head, DAHyperConfig(layer_encoder=True))
+    without = DAHyper(base, is_head, DAHyperConfig(layer_encoder=False))
+    assert torch.count_nonzero(without.params["encoder::F"]) == 0
+    assert torch.count_nonzero(with_encoder.params["encoder::F"]) > 0
