@@ -142,3 +142,16 @@ def architecture_fingerprint(plans: Union[Mapping, PlansManager], input_channels
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"sha256:{digest[:32]}"
+
+
+def hypernet_base(plans: Union[Mapping, PlansManager], num_organ_slots: int = 16, input_channels: int = 1,
+                  seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """Unique tensors of the network with one output per organ slot (background + AMOS organs 1–15).
+
+    DAHyper starts from these: the trunk is the initial shared base and head row ``o`` is organ ``o``'s
+    initial row, so every organ has an nnU-Net-initialised head before anyone has trained it.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        network = build_network(plans, num_organ_slots, input_channels)
+    return OrderedDict((k, v.detach().clone()) for k, v in unique_tensors(network).items())
