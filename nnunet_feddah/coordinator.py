@@ -68,6 +68,17 @@ def _norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in tensors.values() if v.is_floating_point()))
 
 
+def update_lost(sent: Mapping[str, torch.Tensor], uploaded: Mapping[str, torch.Tensor],
+                after: Mapping[str, torch.Tensor]) -> float:
+    """‖after − uploaded‖ / ‖uploaded − sent‖: the fraction of a site's round of training the server lost.
+
+    Relative L2 against the whole weight vector hides this (a round moves the weights by a few percent),
+    so fidelity is judged against the site's own change. For FedAvg it also measures the averaging.
+    """
+    lost = _norm({k: after[k].double() - v.double() for k, v in uploaded.items()})
+    return lost / max(_norm({k: v.double() - sent[k].double() for k, v in uploaded.items()}), 1e-12)
+
+
 def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float) -> None:
     """Raise :class:`UploadRejected` naming the problem; nothing is modified."""
     if result.site != job.site or result.round != job.round or result.task != job.task:
@@ -189,9 +200,11 @@ class Coordinator:
         uploads = [Upload(r.site, r.task, j.organs, r.weights, int(r.metrics.get("num_training_cases") or 1))
                    for j, r in accepted]
         reports = self.strategy.update(uploads, round_index) if uploads else []
-        for (job, _), report in zip(accepted, reports, strict=True):
-            summary.sites[job.site]["update"] = {k: v for k, v in report.items() if k in (
+        for (job, result), report in zip(accepted, reports, strict=True):
+            kept = {k: v for k, v in report.items() if k in (
                 "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift")}
+            kept["update_lost"] = update_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
+            summary.sites[job.site]["update"] = kept
         summary.update_s = time.perf_counter() - start
         if self.before_commit is not None:
             self.before_commit()

@@ -97,3 +97,14 @@ def _check_site_environment(folders: Mapping[str, Path]) -> None:
             raise SiteEnvironmentError(
                 f"{name} is {current} in this process but the site uses {path}; run one site process per "
                 f"nnU-Net root (python -m nnunet_feddah.site)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nnunet_feddah.site``: start this site's Flower SuperNode (:mod:`nnunet_feddah.flower.supernode`)."""
+    from nnunet_feddah.flower.supernode import main as supernode_main
+
+    return supernode_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

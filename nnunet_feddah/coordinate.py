@@ -1,0 +1,161 @@
+"""``python -m nnunet_feddah.coordinate``: run (or resume) a federation from a plan and a state folder.
+
+Three ways, one state folder format (so each can resume the others' work):
+
+* ``--local`` — the whole federation on this machine through real Flower (TLS SuperLink, one
+  authenticated SuperNode per site); what the demo and the end-to-end tests use.
+* ``--in-process`` — no Flower at all: the coordinator calls each site's round in this process. For
+  debugging and for benchmarks that should not pay Flower's per-message start-up.
+* neither — a real deployment: ``flwr run`` against a running SuperLink (``--superlink``,
+  ``--root-certificates``); see docs/DEPLOYMENT.md.
+
+The plan and the sites' data are checked first, so a typo is reported before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from nnunet_feddah.fedplan import FederationPlan, FederationPlanError, load_plan, validate_sites
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nnunet_feddah.coordinate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True, help="federation plan JSON (or a bundled plan's name)")
+    p.add_argument("--state", required=True, type=Path, help="coordinator state folder; an existing one is resumed")
+    p.add_argument("--work", type=Path, default=None, help="site round folders (default: <state>/sites)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="start SuperLink + one SuperNode per site here")
+    mode.add_argument("--in-process", action="store_true", help="no Flower: run the sites in this process")
+    p.add_argument("--device", default="cpu", help="training device for the sites (local / in-process)")
+    p.add_argument("--max-relative-change", type=float, default=None, help="reject uploads that move the weights "
+                                                                            "more than this (relative L2)")
+    p.add_argument("--superlink", default="127.0.0.1:9092", help="deployment: SuperLink address (Control API)")
+    p.add_argument("--root-certificates", type=Path, default=None, help="deployment: CA certificate of the SuperLink")
+    p.add_argument("--plans-file", type=Path, default=None,
+                   help="deployment: shared plans JSON when this host has no site data (skips the data check)")
+    return p
+
+
+def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
+    """Load the plan and check every site's data (unless only the shared plans file is available here)."""
+    plan = load_plan(plan_arg)
+    if plans_file is None:
+        found = validate_sites(plan)
+        print(f"plan {plan.source}: {len(found)} sites, {plan.total_rounds} rounds, strategy {plan.strategy.name}")
+        for data in found.values():
+            print(f"  {data.site:<10} {data.dataset_name}  {data.fingerprint}")
+    elif not plans_file.is_file():
+        raise FederationPlanError(str(plans_file), [f"--plans-file {plans_file} does not exist"])
+    return plan
+
+
+def run_in_process(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
+    import json
+
+    from nnunet_feddah.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+    from nnunet_feddah.flower import COORDINATOR_LOG
+    from nnunet_feddah.flower.logfile import file_logger
+    from nnunet_feddah.network import hypernet_base, is_head
+    from nnunet_feddah.site import InProcessExecutor
+
+    site = next(iter(validate_sites(plan, check_cases=False).values()))
+    log = file_logger(state / COORDINATOR_LOG)
+    coordinator = Coordinator.open(plan, state, hypernet_base(json.loads(site.plans_file.read_text())), is_head,
+                                   site.fingerprint, log=log,
+                                   max_relative_change=max_change or DEFAULT_MAX_RELATIVE_CHANGE)
+    coordinator.run(InProcessExecutor(plan, work, device))
+    return coordinator.finished
+
+
+def run_local(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
+    from nnunet_feddah.flower.flwr_cli import COMPLETED
+    from nnunet_feddah.flower.launch import LocalFederation
+
+    extra = {} if max_change is None else {"max-relative-change": max_change}
+    with LocalFederation(plan, state, work, device, run_config=extra) as federation:
+        federation.start()
+        return federation.run() == COMPLETED and _committed(state) >= plan.total_rounds
+
+
+def run_deployment(plan: FederationPlan, args: argparse.Namespace) -> bool:
+    from nnunet_feddah.flower.remote import run_remote
+
+    return run_remote(plan, args.state.resolve(), args.superlink, args.root_certificates, args.plans_file,
+                      args.work, args.max_relative_change) and _committed(args.state) >= plan.total_rounds
+
+
+def _committed(state: Path) -> int:
+    from nnunet_feddah import checkpoint
+
+    record = checkpoint.read_record(Path(state))
+    return 0 if record is None else int(record["round"])
+
+
+def where(plan: FederationPlan, state: Path, work: Path | None, mode: str) -> str:
+    """Where everything is, for the operator's next step (export, evaluation, debugging)."""
+    from nnunet_feddah import checkpoint
+    from nnunet_feddah.flower import COORDINATOR_LOG, TIMINGS_FILE
+
+    record = checkpoint.read_record(state)
+    lines = [f"state:       {state / checkpoint.RECORD} (round {record['round'] if record else 0}/"
+             f"{plan.total_rounds})"]
+    if record:
+        lines.append(f"strategy:    {state / record['strategy_file']}")
+    lines.append(f"log:         {state / COORDINATOR_LOG}")
+    if mode != "in-process":
+        lines.append(f"timings:     {state / TIMINGS_FILE}")
+        lines.append(f"flower logs: {state / 'flower' / 'logs'}" if mode == "local" else
+                     "flower logs: flwr log <run-id> --show (on this host), SuperNode logs at each site")
+    lines.append(f"site rounds: {work}/<site>/round_NNNN_<task>/" if work else
+                 "site rounds: <work>/<site>/round_NNNN_<task>/ at each site (python -m nnunet_feddah.site --work)")
+    return "\n".join(lines)
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the launcher's cleanup
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        plan = check(args.plan, None if (args.local or args.in_process) else args.plans_file)
+    except FederationPlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if not (args.local or args.in_process) and args.root_certificates is None:
+        print("error: a deployment needs --root-certificates (or use --local / --in-process)", file=sys.stderr)
+        return EXIT_INVALID
+    state = args.state.resolve()
+    work = (args.work or state / "sites").resolve() if (args.local or args.in_process) else args.work
+    mode = "local" if args.local else "in-process" if args.in_process else "deployment"
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.in_process:
+            ok = run_in_process(plan, state, work, args.device, args.max_relative_change)
+        elif args.local:
+            ok = run_local(plan, state, work, args.device, args.max_relative_change)
+        else:
+            ok = run_deployment(plan, args)
+    except (KeyboardInterrupt, SystemExit):
+        print("stopped by a signal; everything started here has been ended", file=sys.stderr)
+        ok = False
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        ok = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(where(plan, state, work, mode))
+    print("federation finished" if ok else "federation NOT finished: run the same command again to resume")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""What travels in a Flower message: a :class:`SiteJob` out, a :class:`SiteResult` (or an error) back.
+
+Weights go as an ``ArrayRecord`` of numpy arrays keyed by unique tensor name (never the aliased
+state_dict); everything else as a ``ConfigRecord`` of scalars, with nested values (round settings,
+metrics) as JSON strings because ConfigRecords hold only flat scalars and lists. Both ends use this one
+module, so the wire format is defined in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from nnunet_feddah.coordinator import SiteJob, SiteResult
+
+TRAIN = "train"
+HELLO = "query"
+WEIGHTS, CONFIG, METRICS, TIMING, ERROR = "weights", "config", "metrics", "timing", "error"
+PACKED, LAYOUT = "packed:", "layout"
+
+
+def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Unique tensors → an ArrayRecord of *one* flat array per dtype, plus the layout needed to cut it up.
+
+    Flower stores and transfers every array as its own object with its own HTTP round trips; ~70 separate
+    tensors made each transfer take 5–10 s on loopback, one packed array takes well under a second.
+    """
+    groups: dict[str, list[torch.Tensor]] = {}
+    layout = []
+    for name, tensor in tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        groups.setdefault(dtype, []).append(tensor.detach().cpu().reshape(-1))
+        layout.append([name, dtype, list(tensor.shape)])
+    arrays = {f"{PACKED}{dtype}": Array(ndarray=torch.cat(flat).numpy()) for dtype, flat in groups.items()}
+    arrays[LAYOUT] = Array(ndarray=np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy())
+    return ArrayRecord(array_dict=arrays)
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`tensors_to_record`, names in their original order."""
+    layout = json.loads(record[LAYOUT].numpy().tobytes().decode())
+    flat = {key.removeprefix(PACKED): torch.from_numpy(np.array(a.numpy(), copy=True))
+            for key, a in record.items() if key.startswith(PACKED)}
+    offsets = dict.fromkeys(flat, 0)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape in layout:
+        size = math.prod(shape)
+        out[name] = flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape)
+        offsets[dtype] += size
+    return out
+
+
+def job_content(job: SiteJob, defaults: Mapping[str, str]) -> RecordDict:
+    """A job as message content; ``defaults`` (plan path, work dir, device) apply where a site sets none."""
+    config = {"site": job.site, "round": job.round, "task": job.task, "organs": [int(o) for o in job.organs],
+              "step": -1 if job.step is None else int(job.step), "settings": json.dumps(job.settings or {}),
+              **{k: str(v) for k, v in defaults.items()}}
+    return RecordDict({WEIGHTS: tensors_to_record(job.weights), CONFIG: ConfigRecord(config)})
+
+
+def job_from_content(content: RecordDict) -> tuple[SiteJob, dict[str, str]]:
+    """The job and the coordinator's defaults (keys ``plan``, ``work-dir``, ``device``)."""
+    config = content[CONFIG]
+    step = int(config["step"])
+    job = SiteJob(site=str(config["site"]), round=int(config["round"]), task=str(config["task"]),
+                  organs=[int(o) for o in config["organs"]], step=None if step < 0 else step,
+                  settings=json.loads(str(config["settings"])), weights=record_to_tensors(content[WEIGHTS]))
+    defaults = {k: str(config[k]) for k in ("plan", "work-dir", "device") if k in config}
+    return job, defaults
+
+
+def result_content(result: SiteResult, timing: Mapping[str, float]) -> RecordDict:
+    info = {"site": result.site, "round": result.round, "task": result.task, "seconds": float(result.seconds),
+            "metrics": json.dumps(result.metrics, default=str)}
+    return RecordDict({WEIGHTS: tensors_to_record(result.weights), CONFIG: ConfigRecord(info),
+                       TIMING: ConfigRecord({k: float(v) for k, v in timing.items()})})
+
+
+def error_content(message: str, timing: Mapping[str, float]) -> RecordDict:
+    """A site-side failure as an ordinary reply: the coordinator logs the reason and counts a missed round."""
+    return RecordDict({ERROR: ConfigRecord({"message": message[-4000:]}),
+                       TIMING: ConfigRecord({k: float(v) for k, v in timing.items()})})
+
+
+def result_from_content(content: RecordDict) -> SiteResult | str:
+    """A reply's content → SiteResult, or the site's error message."""
+    if ERROR in content:
+        return f"site error: {content[ERROR]['message']}"
+    info = content[CONFIG]
+    return SiteResult(site=str(info["site"]), round=int(info["round"]), task=str(info["task"]),
+                      weights=record_to_tensors(content[WEIGHTS]), metrics=json.loads(str(info["metrics"])),
+                      seconds=float(info["seconds"]))
+
+
+def timing_from_content(content: RecordDict) -> dict[str, float]:
+    return {k: float(v) for k, v in content[TIMING].items()} if TIMING in content else {}
+
+
+def process_start_time() -> float:
+    """Wall-clock start of this process (Linux ``/proc``), to time how long Flower took to start the ClientApp."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return time.time()
+
+
+def hello_content() -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"question": "site-name"})})
+
+
+def hello_reply(site: str) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"site": site})})
+
