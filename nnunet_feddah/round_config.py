@@ -31,12 +31,17 @@ class RoundConfig:
 
     ``epoch_offset``/``total_epochs`` place this round on the federation-wide poly learning-rate curve,
     so the learning rate decays across rounds instead of restarting at ``initial_lr`` every round.
+    The starting weights come from at most one of ``initial_weights`` (a weights file) and
+    ``hypernet_checkpoint`` (a DAHyper checkpoint that generates the task ``hypernet_task``, default
+    the round's task key); with neither, nnU-Net's random initialisation is used.
     """
 
     task: str
     output_weights: str
     output_metrics: str
     initial_weights: str | None = None
+    hypernet_checkpoint: str | None = None
+    hypernet_task: str | None = None
     epochs: int = 1
     iterations_per_epoch: int = 10
     val_iterations_per_epoch: int = 2
@@ -51,6 +56,11 @@ class RoundConfig:
     @property
     def parsed_task(self) -> Task:
         return Task.parse(self.task)
+
+    @property
+    def hypernet_key(self) -> str:
+        """The task key whose weights the DAHyper checkpoint generates for this round."""
+        return self.hypernet_task or self.parsed_task.key
 
     @property
     def lr_horizon(self) -> int:
@@ -79,8 +89,21 @@ class RoundConfig:
         for name in ("output_weights", "output_metrics"):
             if not getattr(self, name):
                 raise RoundConfigError(f"{where}: field '{name}' is required (where to write the round's result)")
-        if self.initial_weights and not Path(self.initial_weights).is_file():
-            raise RoundConfigError(f"{where}: field 'initial_weights' points to {self.initial_weights}, which does not exist")
+        if self.initial_weights and self.hypernet_checkpoint:
+            raise RoundConfigError(
+                f"{where}: fields 'initial_weights' and 'hypernet_checkpoint' are both given; a round starts from "
+                f"one of them — keep 'initial_weights' (a weights file) or 'hypernet_checkpoint' (a DAHyper "
+                f"checkpoint), not both")
+        if self.hypernet_task is not None and not self.hypernet_checkpoint:
+            raise RoundConfigError(f"{where}: field 'hypernet_task' needs field 'hypernet_checkpoint' (the DAHyper "
+                                   f"checkpoint that has the task registered)")
+        if self.hypernet_task is not None and not (isinstance(self.hypernet_task, str) and self.hypernet_task):
+            raise RoundConfigError(f"{where}: field 'hypernet_task' must be a non-empty task key, "
+                                   f"got {self.hypernet_task!r}")
+        for name in ("initial_weights", "hypernet_checkpoint"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise RoundConfigError(f"{where}: field '{name}' points to {value}, which does not exist")
         return self
 
     @classmethod
@@ -105,7 +128,7 @@ class RoundConfig:
         if not isinstance(data, dict):
             raise RoundConfigError(f"round config {path} must be a JSON object")
         base = path.parent
-        for key in ("output_weights", "output_metrics", "initial_weights"):
+        for key in ("output_weights", "output_metrics", "initial_weights", "hypernet_checkpoint"):
             if data.get(key) and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])  # relative paths are relative to the config file
         return cls.from_mapping(data, source=str(path))
