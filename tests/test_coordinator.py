@@ -164,4 +164,5 @@ def test_real_sites_in_process(phantom_federation, tmp_path, base):
     for h in history:
         for site, line in h["sites"].items():
             assert line["update"]["upload_rel_l2"] < 1e-3, (h["round"], site, line["update"])
+            assert max(line["update"]["drift"].values(), default=0.0) < 1e-5  # L_R holds the other tasks
     assert sorted(hyper.tasks) == ["kidneys", "liver", "spleen"]
