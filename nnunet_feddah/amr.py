@@ -78,8 +78,9 @@ class AMRReport:
 
 def relative_l2(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """‖a − b‖ / ‖b‖ over all floating tensors of ``b``."""
-    num = sum(float((a[k].double() - v.double()).pow(2).sum()) for k, v in b.items() if v.is_floating_point())
-    den = sum(float(v.double().pow(2).sum()) for v in b.values() if v.is_floating_point())
+    # differences in the tensors' own precision, sums accumulated in float64: half the time of all-float64
+    num = sum(float((a[k] - v).pow(2).sum(dtype=torch.float64)) for k, v in b.items() if v.is_floating_point())
+    den = sum(float(v.pow(2).sum(dtype=torch.float64)) for v in b.values() if v.is_floating_point())
     return (num / max(den, 1e-30)) ** 0.5
 
 
