@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,3 +40,17 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
 
 def atomic_write_json(path: os.PathLike | str, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def replace_folder(finished: Path, target: Path) -> None:
+    """Move a completely written folder to ``target``; an existing ``target`` is swapped out, then deleted.
+
+    Readers see the old folder or the new one, never a half-written mix (a dataset folder being regenerated).
+    """
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(finished, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(finished, target)

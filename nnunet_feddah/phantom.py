@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnunet_feddah.atomic import replace_folder
 from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ, Task, UnknownOrganError, organ
 from nnunet_feddah.phantom_anatomy import FOV_MM, fov_shape, smooth_field, synthesize
 
@@ -237,16 +238,21 @@ def write_site_dataset(raw_root: Path, dataset_id: int, site_name: str, profile:
             _write_nifti(keep[label], profile.spacing_zyx, tmp / labels / f"{case}.nii.gz")
         meta = dataset_json(dataset_id, site_name, profile, organs, num_train, num_test, seed)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():  # a previous phantom: swap, then delete the old one
-            old = _temp_folder_beside(target, ".old")
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        replace_folder(tmp, target)  # a previous phantom is swapped out, then deleted
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def organs_per_site(num_sites: int, annotated: Mapping[int, OrganSpec] | None) -> list[tuple[Organ, ...]]:
+    """The organs each of ``num_sites`` sites labels; ``annotated`` maps a 1-based site number (default: all)."""
+    if num_sites < 1:
+        raise PhantomError(f"--sites must be at least 1 (got {num_sites})")
+    annotated = dict(annotated or {})
+    unknown_sites = sorted(k for k in annotated if not 1 <= k <= num_sites)
+    if unknown_sites:
+        raise PhantomError(f"--annotate names site(s) {unknown_sites} but there are sites 1..{num_sites}")
+    return [resolve_organs(annotated.get(i + 1, ORGANS)) for i in range(num_sites)]
 
 
 def write_cohort(raw_root: Path, num_sites: int = 4, num_train: int = 6, num_test: int = 2, seed: int = 0,
@@ -259,14 +265,9 @@ def write_cohort(raw_root: Path, num_sites: int = 4, num_train: int = 6, num_tes
     All targets are checked before the first one is written. ``log`` receives one line per dataset.
     """
     raw_root = Path(raw_root)
-    if num_sites < 1:
-        raise PhantomError(f"--sites must be at least 1 (got {num_sites})")
-    annotated = dict(annotated or {})
-    unknown_sites = sorted(k for k in annotated if not 1 <= k <= num_sites)
-    if unknown_sites:
-        raise PhantomError(f"--annotate names site(s) {unknown_sites} but the cohort has sites 1..{num_sites}")
+    organs_of = organs_per_site(num_sites, annotated)
     profiles = default_profiles(num_sites, size)
-    plan = [(first_dataset_id + i, p, resolve_organs(annotated.get(i + 1, ORGANS))) for i, p in enumerate(profiles)]
+    plan = [(first_dataset_id + i, p, organs_of[i]) for i, p in enumerate(profiles)]
     for dataset_id, profile, _ in plan:
         _check_target(raw_root, dataset_id, profile.name)
     paths = []
@@ -280,7 +281,7 @@ def write_cohort(raw_root: Path, num_sites: int = 4, num_train: int = 6, num_tes
     return paths
 
 
-def _parse_annotate(specs: Sequence[str]) -> dict[int, tuple[Organ, ...]]:
+def parse_annotate(specs: Sequence[str]) -> dict[int, tuple[Organ, ...]]:
     result: dict[int, tuple[Organ, ...]] = {}
     for spec in specs:
         site, sep, organs = spec.partition("=")
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (1 <= args.first_id and args.first_id + max(args.sites, 1) - 1 <= 999):
             raise PhantomError(f"--first-id {args.first_id} with --sites {args.sites} gives dataset ids outside 1..999")
         start = time.perf_counter()
-        write_cohort(out, args.sites, args.train, args.test, args.seed, _parse_annotate(args.annotate),
+        write_cohort(out, args.sites, args.train, args.test, args.seed, parse_annotate(args.annotate),
                      args.first_id, args.size, log=print)
     except PhantomError as exc:
         print(f"phantom: error: {exc}", file=sys.stderr)
