@@ -11,6 +11,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ext-trainer-path": ("nnunet_feddah.paths", "print the folder to put in nnUNet_extTrainer"),
     "phantom": ("nnunet_feddah.phantom", "write the AMOS-like phantom cohort as nnU-Net raw datasets"),
     "plans": ("nnunet_feddah.shared_plans", "install a shared plans template into every site and preprocess"),
+    "amos": ("nnunet_feddah.amos", "convert an extracted AMOS22 download into FedDAH site datasets (+ shared plans)"),
+    "export": ("nnunet_feddah.export", "write every task of a coordinator state as an nnU-Net results folder "
+                                       "(nnUNetv2_predict ... -chk <task>.pth)"),
 }
 
 
