@@ -25,7 +25,13 @@ from typing import Any, Union
 
 from nnunet_feddah.organs import ORGANS, TASK_GROUPS, Task, UnknownOrganError
 
-STRATEGIES = ("feddah", "fedavg", "fedavg_per_task", "local")
+# The paper's ablations are FedDAH with one switch forced (they may still take the other parameters).
+FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
+    "feddah-noLR": {"beta": 0.0},  # no historical regulariser
+    "feddah-noWs": {"similarity": "fixed"},  # W_s fixed instead of the JS similarity
+    "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
+}
+STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, "fedavg", "fedavg_per_task", "local")
 NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 CONFIGURATION = "3d_fullres"
 DEFAULT_ROUND_DEADLINE_S = 3600.0

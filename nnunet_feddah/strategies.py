@@ -22,6 +22,7 @@ import torch
 
 from nnunet_feddah.amr import AMR, AMRConfig
 from nnunet_feddah.dahyper import BACKGROUND, DAHyper, DAHyperConfig
+from nnunet_feddah.fedplan import FEDDAH_ABLATIONS, STRATEGIES
 
 Tensors = dict[str, torch.Tensor]
 
@@ -169,7 +170,6 @@ class FedAvgStrategy(Strategy):
                                     "organs_by_task": self.organs_by_task}
 
 
-STRATEGIES = ("feddah", "fedavg", "fedavg_per_task", "local")
 
 
 def _split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -186,6 +186,8 @@ def _split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def make_strategy(name: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor],
                   is_head: Callable[[str], bool]) -> Strategy:
     """A fresh strategy from a plan's ``strategy`` section and the network's initial organ-slot weights."""
+    if name in FEDDAH_ABLATIONS:
+        name, params = "feddah", {**params, **FEDDAH_ABLATIONS[name]}
     if name == "feddah":
         hyper_params, amr_params = _split_params(params)
         return FedDAHStrategy(DAHyper(base, is_head, DAHyperConfig(**hyper_params)), AMRConfig(**amr_params))

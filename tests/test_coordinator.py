@@ -137,7 +137,8 @@ def test_resume_refuses_another_plan(tmp_path, base):
         open_coordinator(tmp_path / "state", base, strategy="fedavg")
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedavg_per_task", "local"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavg_per_task", "local", "feddah-noLR", "feddah-noWs",
+                                      "feddah-noencoder"])
 def test_baseline_strategies_run_and_resume(tmp_path, base, strategy):
     coordinator = open_coordinator(tmp_path / "state", base, strategy)
     coordinator.run(synthetic_executor)
@@ -166,3 +167,13 @@ def test_real_sites_in_process(phantom_federation, tmp_path, base):
             assert line["update"]["upload_rel_l2"] < 1e-3, (h["round"], site, line["update"])
             assert max(line["update"]["drift"].values(), default=0.0) < 1e-5  # L_R holds the other tasks
     assert sorted(hyper.tasks) == ["kidneys", "liver", "spleen"]
+
+
+def test_ablation_names_force_their_switch(base):
+    from nnunet_feddah.strategies import make_strategy
+
+    assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).amr.config.beta == 0.0
+    assert make_strategy("feddah-noWs", {}, base, is_head).amr.config.similarity == "fixed"
+    no_encoder = make_strategy("feddah-noencoder", {}, base, is_head).hyper
+    assert not no_encoder.config.layer_encoder and torch.count_nonzero(no_encoder.params["encoder::F"]) == 0
+    assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).hyper.config.rank == 8
