@@ -23,6 +23,7 @@ import torch
 from nnunet_feddah import checkpoint
 from nnunet_feddah.fedplan import FederationPlan
 from nnunet_feddah.strategies import Strategy, Tensors, Upload, make_strategy
+from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 DEFAULT_MAX_RELATIVE_CHANGE = 1.0
 
@@ -84,13 +85,11 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
     if result.site != job.site or result.round != job.round or result.task != job.task:
         raise UploadRejected(f"answers site={result.site} round={result.round} task={result.task}, but "
                              f"{job.site} was sent round {job.round} task {job.task}")
-    missing = sorted(set(job.weights) - set(result.weights))
-    extra = sorted(set(result.weights) - set(job.weights))
-    wrong = [k for k in job.weights if k in result.weights and tuple(result.weights[k].shape) != tuple(job.weights[k].shape)]
-    if missing or extra or wrong:
-        raise UploadRejected(f"tensor names/shapes differ from what was sent: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}, wrong shape {wrong[:3]}")
-    bad = [k for k, v in result.weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    mismatches = shape_mismatches({k: tuple(v.shape) for k, v in job.weights.items()},
+                                  {k: tuple(v.shape) for k, v in result.weights.items()})
+    if mismatches:
+        raise UploadRejected(f"tensor names/shapes differ from what was sent: {'; '.join(mismatches)}")
+    bad = non_finite(result.weights)
     if bad:
         raise UploadRejected(f"NaN/Inf in {bad[:3]}")
     change = _norm({k: result.weights[k].double() - job.weights[k].double() for k in job.weights}) / max(

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
+
 BACKGROUND = 0
 
 
@@ -234,19 +236,8 @@ class DAHyper:
     # ------------------------------------------------------------------ checks
     def check_target(self, key: str, target: Mapping[str, torch.Tensor], source: str = "target") -> None:
         """Raise :class:`TargetMismatchError` for missing/extra names, wrong shapes or non-finite values."""
-        expected = self.output_shapes(key)
-        missing = [n for n in expected if n not in target]
-        extra = [n for n in target if n not in expected]
-        wrong = [f"{n} {tuple(target[n].shape)} != {expected[n]}" for n in expected
-                 if n in target and tuple(target[n].shape) != expected[n]]
-        bad = [n for n, v in target.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if extra:
-            problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-        if wrong:
-            problems.append(f"{len(wrong)} wrong shape (e.g. {'; '.join(wrong[:3])})")
+        problems = shape_mismatches(self.output_shapes(key), {n: tuple(v.shape) for n, v in target.items()})
+        bad = non_finite(target)
         if bad:
             problems.append(f"NaN/Inf in {', '.join(bad[:3])}")
         if problems:

@@ -20,6 +20,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
+
 HEAD_PREFIX = "decoder.seg_layers."
 CONFIGURATION = "3d_fullres"
 
@@ -85,18 +87,8 @@ def check_shapes(
     expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str, limit: int = 5
 ) -> None:
     """Raise :class:`ArchitectureMismatchError` listing missing, unexpected and mis-shaped tensors."""
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found
-             and tuple(found[k]) != tuple(expected[k])]
-    if missing or extra or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:limit])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:limit])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with wrong shape (e.g. {'; '.join(wrong[:limit])})")
+    parts = shape_mismatches(expected, found, limit)
+    if parts:
         raise ArchitectureMismatchError(
             f"{source} does not match the network architecture: {'; '.join(parts)}. "
             f"The weights were made for another plans file or task; regenerate them for these shared plans."
@@ -111,7 +103,7 @@ def load_unique_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], 
     targets = unique_tensors(module)
     check_shapes({k: tuple(v.shape) for k, v in targets.items()}, {k: tuple(v.shape) for k, v in tensors.items()},
                  source)
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(tensors)
     if bad:
         raise ArchitectureMismatchError(f"{source} contains NaN/Inf in {', '.join(bad[:5])}; refusing to load it")
     with torch.no_grad():
