@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and move it into place."""
@@ -24,6 +30,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the result gets the permissions open() would give
     try:
         yield tmp
         with open(tmp, "rb") as fh:

@@ -5,12 +5,17 @@ new file ``strategy-r{r:04d}.safetensors``; only then is ``checkpoint.json`` ato
 record naming that file. A crash before the replace leaves the previous record — and the previous
 strategy file it names — untouched; files no record names are removed at the next commit. For FedDAH
 the strategy file is a plain DAHyper checkpoint, so a trainer's round config can point at it directly.
+
+Rounds that close a time step of the plan (:attr:`FederationPlan.time_steps`) also keep a copy under
+``steps/`` (written before the record, replaced if the round is redone): the strategy as it was at
+that point in time, which is what the evaluation's Dice matrix needs. Old snapshots are never removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +31,7 @@ from nnunet_feddah.hypernet_file import load_hypernet, save_hypernet
 from nnunet_feddah.strategies import FedDAHStrategy, Strategy, strategy_from_state
 
 RECORD = "checkpoint.json"
+STEPS_DIR = "steps"
 RECORD_FORMAT = "nnunet-feddah-coordinator/1"
 STRATEGY_FORMAT = "nnunet-feddah-strategy/1"
 
@@ -69,15 +75,24 @@ def load_strategy(path: Path, fingerprint: str, is_head: Callable[[str], bool]) 
     return strategy_from_state(meta["strategy"], tensors, json.loads(meta["info"]), is_head)
 
 
+def snapshot_path(state_dir: os.PathLike | str, round_index: int) -> Path:
+    """Where the strategy at the end of time-step round ``round_index`` is kept."""
+    return Path(state_dir) / STEPS_DIR / strategy_file_name(round_index)
+
+
 def commit(state_dir: Path, round_index: int, strategy: Strategy, fingerprint: str, record: Mapping[str, Any],
-           before_record: Callable[[], None] | None = None) -> Path:
-    """Write the strategy file, then atomically the record naming it; then drop unreferenced files.
+           before_record: Callable[[], None] | None = None, snapshot: bool = False) -> Path:
+    """Write the strategy file (and its time-step snapshot), then atomically the record naming it; then drop
+    unreferenced files.
 
     ``before_record`` runs between the two writes (tests inject a crash there).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     name = strategy_file_name(round_index)
     save_strategy(state_dir / name, strategy, fingerprint)
+    if snapshot:
+        with atomic_path(snapshot_path(state_dir, round_index)) as tmp:
+            shutil.copyfile(state_dir / name, tmp)
     if before_record is not None:
         before_record()
     atomic_write_json(state_dir / RECORD, {"format": RECORD_FORMAT, **record, "round": round_index,

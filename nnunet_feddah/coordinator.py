@@ -213,7 +213,8 @@ class Coordinator:
         record = {"plan": self.plan.name, "plan_hash": plan_hash(self.plan), "history": self.history,
                   "site_steps": {s: self.plan.site_step(s, round_index) for s in self.plan.site_names}}
         try:
-            checkpoint.commit(self.state_dir, round_index, self.strategy, self.fingerprint, record, self.mid_commit)
+            checkpoint.commit(self.state_dir, round_index, self.strategy, self.fingerprint, record, self.mid_commit,
+                              snapshot=round_index in self.plan.time_steps)
         except BaseException:
             self.history.pop()
             raise

@@ -31,13 +31,20 @@ FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
     "feddah-noWs": {"similarity": "fixed"},  # W_s fixed instead of the JS similarity
     "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
 }
-STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, "fedavg", "fedavg_per_task", "local")
+STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, "fedavg", "fedavg-per-task", "local")
+STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28
 NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 CONFIGURATION = "3d_fullres"
 DEFAULT_ROUND_DEADLINE_S = 3600.0
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # site names become folder names
 _DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_.-]+$")
 _MISSING: Any = object()
+
+
+def canonical_strategy(name: str) -> str:
+    """The strategy's name as :data:`STRATEGIES` spells it (older spellings accepted)."""
+    return STRATEGY_ALIASES.get(name, name)
+
 
 SiteRef = Union[str, "SitePlan"]
 
@@ -156,11 +163,33 @@ class FederationPlan:
     @property
     def tasks(self) -> tuple[Task, ...]:
         """Every distinct task, in the order the federation first meets it (round, then plan order)."""
+        return self.tasks_trained_by(self.total_rounds)
+
+    @property
+    def time_steps(self) -> tuple[int, ...]:
+        """Rounds that close a time step: some site finishes a task of its stream in that round.
+
+        The federation's clock for evaluation (Dice matrix columns): after each of these rounds every
+        task seen so far is evaluated. With one shared ``rounds_per_step`` and no late joiners these are
+        simply ``rps, 2·rps, …``; a late joiner adds the rounds where its own steps end.
+        """
+        ends = {s.join_round - 1 + (k + 1) * s.rounds_per_step for s in self.sites for k in range(len(s.stream))}
+        return tuple(sorted(ends))
+
+    def tasks_trained_by(self, round_number: int) -> tuple[Task, ...]:
+        """Tasks some site has trained in rounds ``1..round_number``, in the order they were first met."""
         seen: dict[str, Task] = {}
-        for r in range(1, self.total_rounds + 1):
+        for r in range(1, min(round_number, self.total_rounds) + 1):
             for task in self.active_sites(r).values():
                 seen.setdefault(task.key, task)
         return tuple(seen.values())
+
+    def last_trained_round(self, task: Task | str, up_to: int) -> int | None:
+        """The latest round ≤ ``up_to`` in which any site trained ``task`` (None: not yet)."""
+        key = task if isinstance(task, str) else task.key
+        rounds = [r for r in range(1, min(up_to, self.total_rounds) + 1)
+                  if any(t.key == key for t in self.active_sites(r).values())]
+        return rounds[-1] if rounds else None
 
     def global_epoch_offset(self, site: SiteRef, round_number: int) -> int:
         """Local epochs the site has trained before this round, so the poly LR continues across rounds."""
@@ -410,6 +439,7 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
     raw_strategy = data.get("strategy")
     if "strategy" in data and reader.section(raw_strategy, "strategy", STRATEGY_FIELDS):
         s_name = reader.string(raw_strategy, "name", "strategy")
+        s_name = canonical_strategy(s_name) if s_name is not None else None
         params = raw_strategy.get("params", {})
         if s_name is not None and s_name not in STRATEGIES:
             close = difflib.get_close_matches(s_name, STRATEGIES, n=1)

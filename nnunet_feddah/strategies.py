@@ -8,7 +8,7 @@ task's outputs are background + its organs), so tasks with different organ sets 
 * ``feddah`` — one DAHyper refitted by AMR (the method).
 * ``fedavg`` — one shared trunk averaged over every upload of the round (weighted by training cases);
   head rows averaged per organ. The classic baseline: it forgets.
-* ``fedavg_per_task`` — FedAvg separately per task: one full model copy per task (no forgetting, T× memory).
+* ``fedavg-per-task`` — FedAvg separately per task: one full model copy per task (no forgetting, T× memory).
 * ``local`` — every site keeps its own model per task; no sharing at all.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from nnunet_feddah.amr import AMR, AMRConfig
 from nnunet_feddah.dahyper import BACKGROUND, DAHyper, DAHyperConfig
-from nnunet_feddah.fedplan import FEDDAH_ABLATIONS, STRATEGIES
+from nnunet_feddah.fedplan import FEDDAH_ABLATIONS, STRATEGIES, canonical_strategy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -54,8 +54,17 @@ class Strategy:
         """Final weights of a task for export (for ``local``: the most recently trained site's)."""
         raise NotImplementedError
 
+    def weights_at_site(self, site: str, task: str) -> Tensors:
+        """The weights ``site`` would use for ``task`` (evaluation): the task's weights unless a site keeps its own."""
+        return self.task_weights(task)
+
     def state(self) -> tuple[Tensors, dict[str, Any]]:
         raise NotImplementedError
+
+    def bytes_held(self) -> int:
+        """Server memory of the strategy: every tensor it keeps between rounds."""
+        tensors, _ = self.state()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _slots(organs: Sequence[int]) -> list[int]:
@@ -132,10 +141,10 @@ class _OrganKeyedModels:
 
 
 class FedAvgStrategy(Strategy):
-    """``fedavg`` (one shared model), ``fedavg_per_task`` (one per task) or ``local`` (one per site and task)."""
+    """``fedavg`` (one shared model), ``fedavg-per-task`` (one per task) or ``local`` (one per site and task)."""
 
     def __init__(self, name: str, base: Mapping[str, torch.Tensor], is_head: Callable[[str], bool]) -> None:
-        if name not in ("fedavg", "fedavg_per_task", "local"):
+        if name not in ("fedavg", "fedavg-per-task", "local"):
             raise ValueError(f"unknown FedAvg-family strategy {name!r}")
         self.name = name
         self.store = _OrganKeyedModels(base, is_head)
@@ -143,7 +152,7 @@ class FedAvgStrategy(Strategy):
         self.organs_by_task: dict[str, list[int]] = {}
 
     def _model_name(self, site: str, task: str) -> str:
-        return {"fedavg": "global", "fedavg_per_task": f"task:{task}", "local": f"site:{site}:task:{task}"}[self.name]
+        return {"fedavg": "global", "fedavg-per-task": f"task:{task}", "local": f"site:{site}:task:{task}"}[self.name]
 
     def weights_for(self, site: str, task: str, organs: Sequence[int], round_index: int) -> Tensors:
         self.organs_by_task.setdefault(task, list(organs))
@@ -164,6 +173,13 @@ class FedAvgStrategy(Strategy):
         if task not in self.last_trained:
             raise KeyError(f"task {task!r} was never trained under strategy {self.name}")
         return self.store.task_view(self.last_trained[task], self.organs_by_task[task])
+
+    def weights_at_site(self, site: str, task: str) -> Tensors:
+        """``local``: a site uses its own model of the task where it trained one."""
+        own = self._model_name(site, task)
+        if self.name == "local" and own in self.store.models and task in self.organs_by_task:
+            return self.store.task_view(own, self.organs_by_task[task])
+        return self.task_weights(task)
 
     def state(self) -> tuple[Tensors, dict[str, Any]]:
         return self.store.state(), {"models": list(self.store.models), "last_trained": self.last_trained,
@@ -186,6 +202,7 @@ def _split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def make_strategy(name: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor],
                   is_head: Callable[[str], bool]) -> Strategy:
     """A fresh strategy from a plan's ``strategy`` section and the network's initial organ-slot weights."""
+    name = canonical_strategy(name)
     if name in FEDDAH_ABLATIONS:
         name, params = "feddah", {**params, **FEDDAH_ABLATIONS[name]}
     if name == "feddah":
@@ -200,6 +217,7 @@ def make_strategy(name: str, params: Mapping[str, Any], base: Mapping[str, torch
 
 def strategy_from_state(name: str, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any],
                         is_head: Callable[[str], bool]) -> Strategy:
+    name = canonical_strategy(name)
     if name == "feddah":
         hyper = DAHyper.from_state(tensors, info["dahyper"])
         return FedDAHStrategy(hyper, AMRConfig(**info["amr"]))

@@ -72,6 +72,11 @@ def test_rounds_follow_asynchronous_streams_and_commit(tmp_path, base):
     assert record["round"] == 2 and record["site_steps"] == {"a": 1, "b": 1}
     assert sorted(coordinator.strategy.hyper.tasks) == ["kidneys", "liver", "spleen"]
     assert len(list((tmp_path / "state").glob("strategy-r*.safetensors"))) == 1
+    # every round closes a time step here (one round per step): each keeps its snapshot for the evaluation
+    assert sorted(p.name for p in (tmp_path / "state" / "steps").iterdir()) == [
+        "strategy-r0001.safetensors", "strategy-r0002.safetensors"]
+    assert checkpoint.snapshot_path(tmp_path / "state", 2).read_bytes() == checkpoint.strategy_path(
+        tmp_path / "state").read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["wrong_task", "missing_tensor", "extra_tensor", "wrong_shape", "nan", "inf",
@@ -137,7 +142,7 @@ def test_resume_refuses_another_plan(tmp_path, base):
         open_coordinator(tmp_path / "state", base, strategy="fedavg")
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedavg_per_task", "local", "feddah-noLR", "feddah-noWs",
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavg-per-task", "local", "feddah-noLR", "feddah-noWs",
                                       "feddah-noencoder"])
 def test_baseline_strategies_run_and_resume(tmp_path, base, strategy):
     coordinator = open_coordinator(tmp_path / "state", base, strategy)

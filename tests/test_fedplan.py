@@ -83,10 +83,21 @@ def test_schedule_of_asynchronous_streams_with_late_join():
     assert plan.round_settings("a", 1)["seed"] != plan.round_settings("a", 2)["seed"]
     config = RoundConfig.from_mapping({**settings, "output_weights": "w", "output_metrics": "m"})
     assert config.parsed_task == Task.parse("liver") and config.lr_horizon == 12
+    # time steps: a ends its steps in rounds 2 and 4, b (joins in round 4, one round per step) in 4, 5, 6
+    assert plan.time_steps == (2, 4, 5, 6)
+    assert [t.key for t in plan.tasks_trained_by(4)] == ["kidneys", "liver"]
+    assert plan.last_trained_round("liver", 5) == 4 and plan.last_trained_round("liver", 6) == 6
+    assert plan.last_trained_round("spleen+pancreas", 4) is None
     with pytest.raises(ValueError, match="unknown site 'c'"):
         plan.task_for("c", 1)
     with pytest.raises(ValueError, match="1-based"):
         plan.site_step("a", 0)
+
+
+def test_strategy_spellings():
+    assert parse_plan({**MINIMAL, "strategy": {"name": "fedavg_per_task"}}).strategy.name == "fedavg-per-task"
+    with pytest.raises(FederationPlanError, match="did you mean 'fedavg-per-task'"):
+        parse_plan({**MINIMAL, "strategy": {"name": "fedavg-per-tsk"}})
 
 
 def test_relative_nnunet_root_is_relative_to_the_plan_file(tmp_path):
