@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "amos": ("nnunet_feddah.amos", "convert an extracted AMOS22 download into FedDAH site datasets (+ shared plans)"),
     "export": ("nnunet_feddah.export", "write every task of a coordinator state as an nnU-Net results folder "
                                        "(nnUNetv2_predict ... -chk <task>.pth)"),
+    "predict": ("nnunet_feddah.predict", "run every exported task on images and merge into one AMOS label map"),
+    "evaluate": ("nnunet_feddah.evaluate", "Dice matrix over time steps, forgetting, BWT, report.json + plots of a "
+                                           "coordinator state"),
 }
 
 
