@@ -264,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         write_evaluation(out, evaluation)
         report = write_report(out, {evaluation["strategy"]: (evaluation, stats)}, plan.name, plan.seed)
-        print(f"[evaluate] {evaluation['strategy']}: final mean Dice {evaluation['final_mean_dice']}, forgetting "
-              f"{evaluation['forgetting']}, BWT {evaluation['bwt']} ({evaluation['seconds']:.1f} s); wrote {report}")
+        metrics = ", ".join(f"{label} {'–' if evaluation[key] is None else format(evaluation[key], '.3f')}"
+                            for key, label in (("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"),
+                                               ("bwt", "BWT")))
+        print(f"[evaluate] {evaluation['strategy']}: {metrics} ({evaluation['seconds']:.1f} s); wrote {report}")
         return 0
     except (EvaluationError, InferenceError, checkpoint.CheckpointError, ValueError, OSError) as exc:
         print(f"nnfeddah evaluate: error: {exc}", file=sys.stderr)

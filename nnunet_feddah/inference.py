@@ -9,6 +9,8 @@ its label map is in AMOS ids and its probabilities can be merged channel by chan
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -94,9 +96,10 @@ class TaskModel:
         network = net.build_network(shared.plans, NUM_SLOTS, shared.input_channels, shared.configuration,
                                     deep_supervision=False)
         mirroring = tuple(range(len(shared.configuration_manager.patch_size))) if use_mirroring else None
-        self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
-                                         perform_everything_on_device=device.type != "cpu", device=device,
-                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA-only notice for every CPU predictor
+            self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                             perform_everything_on_device=device.type == "cuda", device=device,
+                                             verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         self.predictor.manual_initialization(network.to(device), shared.plans_manager, shared.configuration_manager,
                                              [dict(state_dict)], shared.dataset_json, TRAINER_NAME, mirroring)
 
