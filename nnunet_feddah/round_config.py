@@ -19,6 +19,8 @@ from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.organs import Task, UnknownOrganError
 
 ENV_VAR = "FEDDAH_ROUND_CONFIG"
+DEVICE_AUGMENTATION_ENV = "FEDDAH_DEVICE_AUGMENTATION"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 class RoundConfigError(ValueError):
@@ -34,6 +36,8 @@ class RoundConfig:
     The starting weights come from at most one of ``initial_weights`` (a weights file) and
     ``hypernet_checkpoint`` (a DAHyper checkpoint that generates the task ``hypernet_task``, default
     the round's task key); with neither, nnU-Net's random initialisation is used.
+    ``device_augmentation`` runs nnU-Net's training augmentation on the training device on whole batches
+    instead of in CPU workers (see docs/AUGMENTATION.md; ``$FEDDAH_DEVICE_AUGMENTATION`` overrides it).
     """
 
     task: str
@@ -51,6 +55,7 @@ class RoundConfig:
     validate: bool = True
     max_validation_cases: int | None = None
     seed: int | None = None
+    device_augmentation: bool = False
     source: str = "<in-memory>"
 
     @property
@@ -100,6 +105,9 @@ class RoundConfig:
         if self.hypernet_task is not None and not (isinstance(self.hypernet_task, str) and self.hypernet_task):
             raise RoundConfigError(f"{where}: field 'hypernet_task' must be a non-empty task key, "
                                    f"got {self.hypernet_task!r}")
+        if not isinstance(self.device_augmentation, bool):
+            raise RoundConfigError(f"{where}: field 'device_augmentation' must be true or false, "
+                                   f"got {self.device_augmentation!r}")
         for name in ("initial_weights", "hypernet_checkpoint"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
@@ -146,3 +154,19 @@ class RoundConfig:
     def save(self, path: os.PathLike | str) -> Path:
         atomic_write_json(Path(path), self.to_json())
         return Path(path)
+
+
+def device_augmentation_requested(config: RoundConfig | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the trainer augments on its device: ``$FEDDAH_DEVICE_AUGMENTATION`` if set, else the round config.
+
+    The variable also reaches runs without a round config (plain ``nnUNetv2_train -tr FedDAHTrainer``) and
+    sites whose federation plan does not mention the option.
+    """
+    value = environ.get(DEVICE_AUGMENTATION_ENV)
+    if value is not None:
+        text = value.strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise RoundConfigError(f"environment variable {DEVICE_AUGMENTATION_ENV}={value!r} is neither 1 nor 0; "
+                               f"set it to 1 (augment on the training device), 0 (nnU-Net's CPU workers) or unset it")
+    return bool(config and config.device_augmentation)

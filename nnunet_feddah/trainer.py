@@ -7,6 +7,8 @@ Driven by a :class:`~nnunet_feddah.round_config.RoundConfig` (file named by ``$F
 * train only the task's organs: outputs are background + task organs, labels are remapped on the fly
   in front of nnU-Net's augmentation and foreground oversampling looks at the task's organs only;
 * run the round's epochs/iterations on the federation-wide poly learning-rate curve;
+* optionally (``device_augmentation`` / ``$FEDDAH_DEVICE_AUGMENTATION``) run nnU-Net's training augmentation
+  on the training device on whole batches: the loader workers then only crop and remap labels;
 * write the trained unique tensors and a metrics JSON (per-organ validation Dice, loss, times).
 
 Without a round config it is an ordinary nnU-Net trainer over every organ the dataset annotates,
@@ -24,16 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_feddah import network as net
 from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.augment_settings import config_from_pipeline
+from nnunet_feddah.device_augment import DeviceAugmenter, cuda_or_cpu, describe
 from nnunet_feddah.hypernet_file import HypernetFileError, load_hypernet
 from nnunet_feddah.organs import Task, annotated_organs
 from nnunet_feddah.paths import require_nnunet_env
-from nnunet_feddah.round_config import RoundConfig
+from nnunet_feddah.round_config import RoundConfig, device_augmentation_requested
 from nnunet_feddah.task_data import TaskFocusedDataset, check_task_available, task_dataset_json, with_task_labels
 from nnunet_feddah.tensor_checks import non_finite
 from nnunet_feddah.validation import organ_dice
@@ -58,6 +63,7 @@ class FedDAHTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         folders = require_nnunet_env("nnUNet_preprocessed", "nnUNet_results")
         round_config = RoundConfig.from_env()
+        device_augmentation = device_augmentation_requested(round_config)
         site_folder = folders["nnUNet_preprocessed"] / plans["dataset_name"]
         config = PlansManager(plans).get_configuration(configuration)
         task = round_config.parsed_task if round_config else Task(annotated_organs(dataset_json))
@@ -77,6 +83,8 @@ class FedDAHTrainer(nnUNetTrainer):
         self.architecture_fingerprint = fingerprint
         self._generated_weights = generated  # loaded (then dropped) in initialize()
         self._wall: dict[str, float] = {}
+        self.device_augmentation = device_augmentation
+        self._device_augmenter: DeviceAugmenter | None = None  # built with the data loaders
         if round_config:
             self.num_epochs = round_config.epochs
             self.num_iterations_per_epoch = round_config.iterations_per_epoch
@@ -117,7 +125,14 @@ class FedDAHTrainer(nnUNetTrainer):
         return optimizer, scheduler
 
     def get_training_transforms(self, *args, **kwargs):
-        return with_task_labels(super().get_training_transforms(*args, **kwargs), self.task)
+        pipeline = super().get_training_transforms(*args, **kwargs)
+        if not self.device_augmentation:
+            return with_task_labels(pipeline, self.task)
+        # nnU-Net's own pipeline fixes the device path's distributions; the workers keep only the label remap
+        # (the loader itself crops the enlarged patch the spatial transform needs)
+        self._device_augmenter = DeviceAugmenter(config_from_pipeline(pipeline))
+        self.print_to_log_file(describe(cuda_or_cpu(self.device)))
+        return with_task_labels(ComposeTransforms([]), self.task)
 
     def get_validation_transforms(self, *args, **kwargs):
         return with_task_labels(super().get_validation_transforms(*args, **kwargs), self.task)
@@ -125,6 +140,14 @@ class FedDAHTrainer(nnUNetTrainer):
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         return TaskFocusedDataset(dataset_tr, self.task), TaskFocusedDataset(dataset_val, self.task)
+
+    def train_step(self, batch: dict) -> dict:
+        if self._device_augmenter is not None:
+            device = cuda_or_cpu(self.device)
+            data, target = self._device_augmenter(batch["data"].to(device, non_blocking=True),
+                                                  batch["target"].to(device, non_blocking=True))
+            batch = {**batch, "data": data, "target": target}
+        return super().train_step(batch)
 
     def on_train_start(self):
         if self.round_config and self.round_config.seed is not None:
@@ -194,6 +217,8 @@ class FedDAHTrainer(nnUNetTrainer):
             "wall_time_s": {"setup": self._wall.get("train_start", 0.0) - self._wall.get("start", 0.0),
                             "train": train_s, "validation": scores.get("seconds", 0.0)},
             "seconds_per_iteration": train_s / max(iterations, 1),
+            "augmentation": (f"device ({cuda_or_cpu(self.device).type})" if self.device_augmentation
+                             else "nnU-Net CPU workers"),
             "weights_file": str(self.weights_path),
             "start_weights": _start_weights(rc),
             "architecture_fingerprint": self.architecture_fingerprint,
