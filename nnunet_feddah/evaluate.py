@@ -176,8 +176,12 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
             for site, test_set in test_sets.items():
                 if not test_set.can_evaluate(task):
                     continue
-                model = TaskModel.from_weights(test_set.shared, strategy.weights_at_site(site, task.key),
-                                               list(task.labels), task.key, torch_device)
+                try:
+                    weights = strategy.weights_at_site(site, task.key)
+                except KeyError:  # every upload of the task so far was rejected: nothing to evaluate yet
+                    log(f"[evaluate] round {round_index} {task.key}: no accepted upload yet; not evaluated")
+                    break
+                model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key, torch_device)
                 result = evaluate_task(test_set, model)
                 per_site[site][i, j] = result["dice"]
                 for organ, value in result["organs"].items():

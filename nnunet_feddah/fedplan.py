@@ -68,6 +68,7 @@ class LocalTraining:
     val_iterations_per_epoch: int = 2
     initial_lr: float = 1e-2
     max_validation_cases: int | None = None
+    device_augmentation: bool = False  # nnU-Net's augmentation on the training device (docs/AUGMENTATION.md)
 
 
 @dataclass(frozen=True)
@@ -242,13 +243,21 @@ class FederationPlan:
         out.update({
             "sites": sites,
             "rounds_per_step": self.rounds_per_step,
-            "local": asdict(self.local),
+            "local": _local_json(self.local),
             "round_deadline_s": self.round_deadline_s,
             "strategy": {"name": self.strategy.name, "params": dict(self.strategy.params)},
             "seed": self.seed,
             "total_epochs": self.total_epochs,
         })
         return out
+
+
+def _local_json(local: LocalTraining) -> dict[str, Any]:
+    """The local section; an unset ``device_augmentation`` is left out so older plans keep their plan hash."""
+    out = asdict(local)
+    if not out["device_augmentation"]:
+        del out["device_augmentation"]
+    return out
 
 
 def _check_round(round_number: int) -> int:
@@ -264,7 +273,7 @@ TOP_FIELDS = {"name": True, "plans_identifier": True, "sites": True, "rounds_per
 SITE_FIELDS = {"name": True, "dataset": True, "stream": True, "join_round": False, "rounds_per_step": False,
                "nnunet_root": False}
 LOCAL_FIELDS = {"epochs": True, "iterations_per_epoch": True, "val_iterations_per_epoch": False,
-                "initial_lr": False, "max_validation_cases": False}
+                "initial_lr": False, "max_validation_cases": False, "device_augmentation": False}
 STRATEGY_FIELDS = {"name": True, "params": False}
 
 
@@ -432,8 +441,11 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
             "initial_lr": reader.number(raw_local, "initial_lr", "local", default=1e-2),
         }
         max_val = reader.integer(raw_local, "max_validation_cases", "local", default=None)
-        if None not in values.values():  # a bad max_validation_cases is reported; the plan is refused anyway
-            local = LocalTraining(**values, max_validation_cases=max_val)
+        device_augmentation = raw_local.get("device_augmentation", False)
+        if not isinstance(device_augmentation, bool):
+            reader.problem("local.device_augmentation", f"must be true or false, got {device_augmentation!r}")
+        elif None not in values.values():  # a bad max_validation_cases is reported; the plan is refused anyway
+            local = LocalTraining(**values, max_validation_cases=max_val, device_augmentation=device_augmentation)
 
     strategy = None
     raw_strategy = data.get("strategy")

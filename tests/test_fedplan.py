@@ -94,6 +94,16 @@ def test_schedule_of_asynchronous_streams_with_late_join():
         plan.site_step("a", 0)
 
 
+def test_device_augmentation_reaches_the_round_config():
+    local = {**MINIMAL["local"], "device_augmentation": True}
+    plan = parse_plan({**MINIMAL, "local": local})
+    config = RoundConfig.from_mapping({**plan.round_settings("a", 1), "output_weights": "w", "output_metrics": "m"})
+    assert config.device_augmentation is True
+    assert "device_augmentation" not in parse_plan(MINIMAL).to_json()["local"]  # unchanged plan hash when unset
+    with pytest.raises(FederationPlanError, match="local.device_augmentation: must be true or false, got 'yes'"):
+        parse_plan({**MINIMAL, "local": {**MINIMAL["local"], "device_augmentation": "yes"}})
+
+
 def test_strategy_spellings():
     assert parse_plan({**MINIMAL, "strategy": {"name": "fedavg_per_task"}}).strategy.name == "fedavg-per-task"
     with pytest.raises(FederationPlanError, match="did you mean 'fedavg-per-task'"):
