@@ -112,24 +112,25 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
     executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device))
-    results, timings = {}, {}
+    results = {}
+    work.mkdir(parents=True, exist_ok=True)
     for name in strategies:
         variant = plan_for(plan, name, iterations_per_epoch)
         state = work / "states" / name
-        work.mkdir(parents=True, exist_ok=True)
         with open(work / f"{name}.log", "a") as coordinator_log:
             coordinator = Coordinator.open(variant, state, base, is_head, site.fingerprint,
                                            log=lambda line, fh=coordinator_log: print(line, file=fh, flush=True))
+            resumed_finished = coordinator.finished
             replayed_before, run_start = executor.replayed_s, time.perf_counter()
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
         evaluation = evaluate_state(variant, state, device, log=lambda *_: None)
         write_evaluation(out / name, evaluation)
         stats = run_stats(state)
-        stats["wall_s"] = run_s + (executor.replayed_s - replayed_before)
+        if not resumed_finished:  # a state finished by an earlier run keeps the wall time of its own history
+            stats["wall_s"] = run_s + (executor.replayed_s - replayed_before)
         stats["evaluation_s"] = evaluation["seconds"]
         results[name] = (evaluation, stats)
-        timings[name] = run_s
         log(f"[bench] {name:<17} final Dice {_fmt(evaluation['final_mean_dice'])} forgetting "
             f"{_fmt(evaluation['forgetting'])} BWT {_fmt(evaluation['bwt'])}  run {run_s:.0f} s "
             f"(+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation {evaluation['seconds']:.0f} s")

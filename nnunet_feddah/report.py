@@ -27,6 +27,7 @@ from nnunet_feddah.fcl_metrics import DiceMatrix
 
 REPORT_FILE = "report.json"
 TABLE_FILE = "report.md"
+NULLABLE_KEYS = ("final_mean_dice", "forgetting", "bwt")  # null when nothing could be evaluated / no old task
 REQUIRED_KEYS = {"final_mean_dice": float, "forgetting": float, "bwt": float, "dice_matrix": dict,
                  "server_bytes": int, "server_update_s": float, "wall_s": float, "bytes_per_site_round": int}
 
@@ -66,9 +67,10 @@ def check_report(report: Mapping[str, Any]) -> list[str]:
     for name, entry in strategies.items():
         for key, kind in REQUIRED_KEYS.items():
             value = entry.get(key, "missing")
-            ok = (value is None and kind is float and key in ("forgetting", "bwt", "final_mean_dice")) or (
-                isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and isinstance(value, int))
-            if not ok:
+            if value is None and key in NULLABLE_KEYS:
+                continue
+            accepted = (int, float) if kind is float else (kind,)
+            if isinstance(value, bool) or not isinstance(value, accepted):
                 problems.append(f"strategies.{name}.{key} is {value!r}, expected {kind.__name__}")
         matrix = entry.get("dice_matrix") or {}
         values = matrix.get("values")
