@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.coordinator import Coordinator, SiteJob, SiteResult
 from nnunet_feddah.fedplan import STRATEGIES, FederationPlan, parse_plan, validate_sites
 
@@ -127,8 +128,11 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
         evaluation = evaluate_state(variant, state, device, log=lambda *_: None)
         write_evaluation(out / name, evaluation)
         stats = run_stats(state)
-        if not resumed_finished:  # a state finished by an earlier run keeps the wall time of its own history
-            stats["wall_s"] = run_s + (executor.replayed_s - replayed_before)
+        wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
+        if not resumed_finished:
+            atomic_write_json(wall_file, {"wall_s": run_s + (executor.replayed_s - replayed_before)})
+        if wall_file.is_file():
+            stats["wall_s"] = json.loads(wall_file.read_text())["wall_s"]
         stats["evaluation_s"] = evaluation["seconds"]
         results[name] = (evaluation, stats)
         log(f"[bench] {name:<17} final Dice {_fmt(evaluation['final_mean_dice'])} forgetting "
