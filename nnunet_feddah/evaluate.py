@@ -15,7 +15,6 @@ for speed on CPU; the same for every strategy).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,10 +30,10 @@ import torch
 from nnunet_feddah import checkpoint
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.coordinator import plan_hash
-from nnunet_feddah.export import ExportError, amos_dataset_json, resolve_dataset
-from nnunet_feddah.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix
+from nnunet_feddah.export import ExportError, amos_dataset_json, read_json, resolve_dataset
+from nnunet_feddah.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix, nanmean
 from nnunet_feddah.fedplan import FederationPlan, load_plan
-from nnunet_feddah.inference import InferenceError, PreparedImage, SharedPlans, TaskModel, organ_dice
+from nnunet_feddah.inference import InferenceError, PreparedImage, SharedPlans, TaskModel, label_dice
 from nnunet_feddah.organs import BY_LABEL, Task, annotated_organs
 
 EVALUATION_FILE = "evaluation.json"
@@ -60,12 +59,6 @@ class SiteTestSet:
         return bool(self.images) and set(task.labels) <= set(self.organs)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist ({what})")
-    return json.loads(path.read_text())
-
-
 def load_test_set(plan: FederationPlan, site: str, log: Callable[[str], None] = print) -> SiteTestSet:
     """The site's ``imagesTs``/``labelsTs`` (raw dataset), read and preprocessed with the shared plans."""
     folders = plan.nnunet_folders(site)
@@ -74,9 +67,9 @@ def load_test_set(plan: FederationPlan, site: str, log: Callable[[str], None] = 
     except ExportError as exc:
         raise EvaluationError(f"site {site}: {exc}") from exc
     raw = folders["nnUNet_raw"] / name
-    dataset_json = _read_json(raw / "dataset.json", f"raw dataset.json of site {site}")
-    plans = _read_json(folders["nnUNet_preprocessed"] / name / f"{plan.plans_identifier}.json",
-                       f"shared plans of site {site}; run `nnfeddah plans install`")
+    dataset_json = read_json(raw / "dataset.json", f"raw dataset.json of site {site}", EvaluationError)
+    plans = read_json(folders["nnUNet_preprocessed"] / name / f"{plan.plans_identifier}.json",
+                      f"shared plans of site {site}; run `nnfeddah plans install`", EvaluationError)
     shared = SharedPlans(plans, amos_dataset_json(dataset_json))
     organs = tuple(o.label for o in annotated_organs(dataset_json))
     images, references = {}, {}
@@ -99,11 +92,11 @@ def evaluate_task(test_set: SiteTestSet, model: TaskModel) -> dict[str, Any]:
     per_case = {}
     for case, image in test_set.images.items():
         prediction, _ = model.predict(image)
-        per_case[case] = {BY_LABEL[o].key: v for o, v in organ_dice(test_set.references[case], prediction,
+        per_case[case] = {BY_LABEL[o].key: v for o, v in label_dice(test_set.references[case], prediction,
                                                                     model.organs).items()}
-    organs = {BY_LABEL[o].key: _nanmean([scores[BY_LABEL[o].key] for scores in per_case.values()])
+    organs = {BY_LABEL[o].key: nanmean([scores[BY_LABEL[o].key] for scores in per_case.values()])
               for o in model.organs}
-    return {"dice": _nanmean(list(organs.values())), "organs": organs, "per_case": per_case}
+    return {"dice": nanmean(list(organs.values())), "organs": organs, "per_case": per_case}
 
 
 def _fingerprint(test_sets: Mapping[str, SiteTestSet]) -> str:
@@ -121,11 +114,6 @@ def last_training_column(plan: FederationPlan, task: Task, steps: Sequence[int])
     if not columns:
         raise EvaluationError(f"task {task.key} was never trained up to round {steps[-1]}")
     return columns[-1]
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
@@ -194,7 +182,7 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
     mean = mean_matrix(matrices)
     last_trained = {t.key: last_training_column(plan, t, steps) for t in tasks}
     metrics = fcl_metrics(mean, last_trained)
-    per_organ = {organ: [_nanmean([values[j] for values in by_site.values()]) for j in range(len(steps))]
+    per_organ = {organ: [nanmean([values[j] for values in by_site.values()]) for j in range(len(steps))]
                  for organ, by_site in organ_values.items()}
     return {
         "format": EVALUATION_FORMAT, "plan": plan.name, "seed": plan.seed, "strategy": strategy_name,
@@ -253,7 +241,7 @@ def write_evaluation(out_dir: os.PathLike | str, evaluation: Mapping[str, Any]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnunet_feddah.report import write_report
+    from nnunet_feddah.report import format_metric, write_report
 
     parser = argparse.ArgumentParser(prog="nnfeddah evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", required=True, help="federation plan JSON the state was run with")
@@ -268,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         write_evaluation(out, evaluation)
         report = write_report(out, {evaluation["strategy"]: (evaluation, stats)}, plan.name, plan.seed)
-        metrics = ", ".join(f"{label} {'–' if evaluation[key] is None else format(evaluation[key], '.3f')}"
-                            for key, label in (("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"),
-                                               ("bwt", "BWT")))
+        metrics = ", ".join(f"{label} {format_metric(evaluation[key])}" for key, label in (
+            ("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"), ("bwt", "BWT")))
         print(f"[evaluate] {evaluation['strategy']}: {metrics} ({evaluation['seconds']:.1f} s); wrote {report}")
         return 0
     except (EvaluationError, InferenceError, checkpoint.CheckpointError, ValueError, OSError) as exc:

@@ -263,13 +263,14 @@ def resolve_dataset(dataset: Union[int, str], preprocessed: Path) -> str:
     return name
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, error: type[ValueError] = ExportError) -> dict:
+    """A JSON file the caller needs; missing or invalid raises ``error`` naming the file and what it is for."""
     if not path.is_file():
-        raise ExportError(f"{path} does not exist ({what})")
+        raise error(f"{path} does not exist ({what})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc})") from exc
+        raise error(f"{path} is not valid JSON ({exc})") from exc
 
 
 def _resolve_plans(plan_or_plans_file: PlanLike, plans_identifier: str | None
@@ -283,7 +284,7 @@ def _resolve_plans(plan_or_plans_file: PlanLike, plans_identifier: str | None
     if not path.is_file():
         fed = load_plan(path)  # a bundled plan name, or a clear "file does not exist" error
         return fed, None, plans_identifier or fed.plans_identifier
-    data = _read_json(path, "plans or federation plan")
+    data = read_json(path, "plans or federation plan")
     if "configurations" in data:
         return None, data, plans_identifier or data.get("plans_name")
     fed = load_plan(path)
@@ -331,7 +332,7 @@ def export_tasks(state_dir: os.PathLike | str, plan_or_plans_file: PlanLike, dat
     preprocessed = folders["nnUNet_preprocessed"] if folders else _env_folder("nnUNet_preprocessed")
     name = resolve_dataset(dataset, preprocessed)
     if plans is None:
-        plans = _read_json(preprocessed / name / f"{plans_identifier}.json",
+        plans = read_json(preprocessed / name / f"{plans_identifier}.json",
                            f"shared plans {plans_identifier!r} of {name}; run `nnfeddah plans install` for it")
     if configuration not in plans.get("configurations", {}):
         raise ExportError(f"plans {plans_identifier}: field 'configurations.{configuration}' is missing")
@@ -339,7 +340,7 @@ def export_tasks(state_dir: os.PathLike | str, plan_or_plans_file: PlanLike, dat
     raw = folders["nnUNet_raw"] if folders else Path(os.environ.get("nnUNet_raw", preprocessed))
     if not dataset_json_file.is_file() and (raw / name / "dataset.json").is_file():
         dataset_json_file = raw / name / "dataset.json"
-    dataset_json = amos_dataset_json(_read_json(dataset_json_file, f"dataset.json of {name}"))
+    dataset_json = amos_dataset_json(read_json(dataset_json_file, f"dataset.json of {name}"))
     input_channels = num_input_channels(dataset_json)
     fingerprint = architecture_fingerprint(plans, input_channels, configuration)
 
@@ -395,7 +396,7 @@ def _check_existing_plans(model_folder: Path, fingerprint: str, input_channels: 
     existing = model_folder / "plans.json"
     if not existing.is_file():
         return
-    found = architecture_fingerprint(_read_json(existing, "plans of an earlier export"), input_channels, configuration)
+    found = architecture_fingerprint(read_json(existing, "plans of an earlier export"), input_channels, configuration)
     if found != fingerprint:
         raise ExportError(f"{existing} describes another architecture ({found}, this export: {fingerprint}); the "
                           f"checkpoints already in {model_folder} would no longer load. Fix: remove that folder or "

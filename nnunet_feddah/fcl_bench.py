@@ -103,7 +103,7 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
     """Run, evaluate and report every strategy; returns the report.json path. Resumes finished strategies."""
     from nnunet_feddah.evaluate import evaluate_state, run_stats, write_evaluation
     from nnunet_feddah.network import hypernet_base, is_head
-    from nnunet_feddah.report import markdown_table, write_report
+    from nnunet_feddah.report import format_metric, markdown_table, write_report
     from nnunet_feddah.site import InProcessExecutor
 
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -135,18 +135,14 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
             stats["wall_s"] = json.loads(wall_file.read_text())["wall_s"]
         stats["evaluation_s"] = evaluation["seconds"]
         results[name] = (evaluation, stats)
-        log(f"[bench] {name:<17} final Dice {_fmt(evaluation['final_mean_dice'])} forgetting "
-            f"{_fmt(evaluation['forgetting'])} BWT {_fmt(evaluation['bwt'])}  run {run_s:.0f} s "
+        log(f"[bench] {name:<17} final Dice {format_metric(evaluation['final_mean_dice'])} forgetting "
+            f"{format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run {run_s:.0f} s "
             f"(+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation {evaluation['seconds']:.0f} s")
     report = write_report(out, results, plan.name, plan.seed, iterations_per_epoch=variant.local.iterations_per_epoch,
                           epochs=variant.local.epochs, device=device, trained_jobs=executor.trained,
                           replayed_jobs=executor.replayed, bench_wall_s=time.perf_counter() - started, **report_extra)
     log(markdown_table(json.loads(report.read_text())))
     return report
-
-
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def check_targets(report: Mapping[str, Any]) -> list[str]:

@@ -55,9 +55,15 @@ def _json_float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
-def _nanmean(values: Sequence[float]) -> float | None:
+def nanmean(values: Sequence[float | None]) -> float:
+    """Mean of the finite values (None and NaN = not evaluated); NaN when there is none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _metric(values: Sequence[float]) -> float | None:
+    mean = nanmean(values)
+    return mean if math.isfinite(mean) else None
 
 
 def mean_matrix(per_site: Mapping[str, DiceMatrix]) -> DiceMatrix:
@@ -100,9 +106,9 @@ def fcl_metrics(matrix: DiceMatrix, last_trained_column: Mapping[str, int]) -> d
         if math.isfinite(final_value) and np.isfinite(earlier).any():
             forgetting.append(float(np.nanmax(earlier)) - final_value)
     return {
-        "final_mean_dice": _nanmean(list(final)),
-        "forgetting": _nanmean(forgetting),
-        "bwt": _nanmean(bwt),
+        "final_mean_dice": _metric(list(final)),
+        "forgetting": _metric(forgetting),
+        "bwt": _metric(bwt),
         "old_tasks": [matrix.tasks[i] for i in old],
         "final_dice": {t: _json_float(v) for t, v in zip(matrix.tasks, final, strict=True)},
     }

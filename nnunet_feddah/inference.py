@@ -132,7 +132,7 @@ class TaskModel:
         return (result[0], result[1]) if probabilities else (result, None)
 
 
-def organ_dice(reference: np.ndarray, prediction: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+def label_dice(reference: np.ndarray, prediction: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
     """nnU-Net's Dice per AMOS id (its ``compute_tp_fp_fn_tn``; NaN where neither image has the organ)."""
     if reference.shape != prediction.shape:
         raise InferenceError(f"reference shape {reference.shape} != prediction shape {prediction.shape}")

@@ -11,7 +11,6 @@ is one label map per case in AMOS ids, written by the plans' image writer like `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,23 +21,19 @@ import numpy as np
 import torch
 
 from nnunet_feddah.atomic import atomic_write_json
-from nnunet_feddah.export import CONFIGURATION, MANIFEST, ExportError, model_folder_name, resolve_dataset
+from nnunet_feddah.export import CONFIGURATION, MANIFEST, ExportError, model_folder_name, read_json, resolve_dataset
 from nnunet_feddah.inference import InferenceError, SharedPlans, TaskModel
 from nnunet_feddah.merge import merge_task_probabilities
 
 MERGE_LOG = "feddah_merge.json"
 
 
-def _read(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise InferenceError(f"{path} does not exist ({what}). Fix: pass the folder `nnfeddah export` wrote")
-    return json.loads(path.read_text())
-
-
 def load_task_models(model_folder: Path, tasks: Sequence[str] | None, device: torch.device,
                      use_mirroring: bool = False) -> tuple[SharedPlans, list[TaskModel]]:
-    manifest = _read(model_folder / MANIFEST, "FedDAH export manifest")
-    shared = SharedPlans(_read(model_folder / "plans.json", "plans"), _read(model_folder / "dataset.json", "dataset.json"),
+    fix = "; pass the folder `nnfeddah export` wrote"
+    manifest = read_json(model_folder / MANIFEST, f"FedDAH export manifest{fix}", InferenceError)
+    shared = SharedPlans(read_json(model_folder / "plans.json", f"plans{fix}", InferenceError),
+                         read_json(model_folder / "dataset.json", f"dataset.json{fix}", InferenceError),
                          manifest.get("configuration", CONFIGURATION))
     available = manifest.get("tasks", {})
     chosen = list(tasks) if tasks else list(available)

@@ -81,17 +81,19 @@ def check_report(report: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def markdown_table(report: Mapping[str, Any]) -> str:
-    def fmt(value: Any, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
+def format_metric(value: float | None, spec: str = ".3f") -> str:
+    """A metric for people: ``–`` where it could not be computed (null in report.json)."""
+    return "–" if value is None else format(value, spec)
 
+
+def markdown_table(report: Mapping[str, Any]) -> str:
     rows = ["| strategy | final mean Dice | forgetting | BWT | server memory MB (= models) | server update (s) | "
             "wall (s) | MB per site-round |", "|---|---|---|---|---|---|---|---|"]
     for name, e in report["strategies"].items():
         model_bytes = e["bytes_per_site_round"] / 2  # one model's weights (down + up = 2 models per site-round)
         models = f" ({e['server_bytes'] / model_bytes:.1f})" if model_bytes else ""
-        rows.append(f"| {name} | {fmt(e['final_mean_dice'], '.3f')} | {fmt(e['forgetting'], '+.3f')} | "
-                    f"{fmt(e['bwt'], '+.3f')} | {e['server_bytes'] / 1e6:.2f}{models} | {e['server_update_s']:.1f} | "
+        rows.append(f"| {name} | {format_metric(e['final_mean_dice'])} | {format_metric(e['forgetting'], '+.3f')} | "
+                    f"{format_metric(e['bwt'], '+.3f')} | {e['server_bytes'] / 1e6:.2f}{models} | {e['server_update_s']:.1f} | "
                     f"{e['wall_s']:.0f} | {e['bytes_per_site_round'] / 1e6:.2f} |")
     return "\n".join(rows)
 
