@@ -9,13 +9,13 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_feddah.paths", "print the environment variables for a work folder (eval \"$(nnfeddah env --root DIR)\")"),
     "ext-trainer-path": ("nnunet_feddah.paths", "print the folder to put in nnUNet_extTrainer"),
-    "phantom": ("nnunet_feddah.phantom", "write the AMOS-like phantom cohort as nnU-Net raw datasets"),
-    "plans": ("nnunet_feddah.shared_plans", "install a shared plans template into every site and preprocess"),
-    "amos": ("nnunet_feddah.amos", "convert an extracted AMOS22 download into FedDAH site datasets (+ shared plans)"),
-    "export": ("nnunet_feddah.export", "write every task of a coordinator state as an nnU-Net results folder "
+    "phantom": ("nnunet_feddah.data.phantom", "write the AMOS-like phantom cohort as nnU-Net raw datasets"),
+    "plans": ("nnunet_feddah.nnunet.shared_plans", "install a shared plans template into every site and preprocess"),
+    "amos": ("nnunet_feddah.data.amos", "convert an extracted AMOS22 download into FedDAH site datasets (+ shared plans)"),
+    "export": ("nnunet_feddah.results.export", "write every task of a coordinator state as an nnU-Net results folder "
                                        "(nnUNetv2_predict ... -chk <task>.pth)"),
-    "predict": ("nnunet_feddah.predict", "run every exported task on images and merge into one AMOS label map"),
-    "evaluate": ("nnunet_feddah.evaluate", "Dice matrix over time steps, forgetting, BWT, report.json + plots of a "
+    "predict": ("nnunet_feddah.results.predict", "run every exported task on images and merge into one AMOS label map"),
+    "evaluate": ("nnunet_feddah.results.evaluate", "Dice matrix over time steps, forgetting, BWT, report.json + plots of a "
                                            "coordinator state"),
 }
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from nnunet_feddah.fedplan import FederationPlan, FederationPlanError, load_plan, validate_sites
+from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError, load_plan, validate_sites
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -60,11 +60,10 @@ def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
 def run_in_process(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
     import json
 
-    from nnunet_feddah.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
-    from nnunet_feddah.flower import COORDINATOR_LOG
-    from nnunet_feddah.flower.logfile import file_logger
-    from nnunet_feddah.network import hypernet_base, is_head
-    from nnunet_feddah.site import InProcessExecutor
+    from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+    from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
+    from nnunet_feddah.federation.site_round import InProcessExecutor
+    from nnunet_feddah.nnunet.network import hypernet_base, is_head
 
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     log = file_logger(state / COORDINATOR_LOG)
@@ -76,8 +75,8 @@ def run_in_process(plan: FederationPlan, state: Path, work: Path, device: str, m
 
 
 def run_local(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
-    from nnunet_feddah.flower.flwr_cli import COMPLETED
-    from nnunet_feddah.flower.launch import LocalFederation
+    from nnunet_feddah.flower.launch.flwr_cli import COMPLETED
+    from nnunet_feddah.flower.launch.local import LocalFederation
 
     extra = {} if max_change is None else {"max-relative-change": max_change}
     with LocalFederation(plan, state, work, device, run_config=extra) as federation:
@@ -86,14 +85,14 @@ def run_local(plan: FederationPlan, state: Path, work: Path, device: str, max_ch
 
 
 def run_deployment(plan: FederationPlan, args: argparse.Namespace) -> bool:
-    from nnunet_feddah.flower.remote import run_remote
+    from nnunet_feddah.flower.launch.remote import run_remote
 
     return run_remote(plan, args.state.resolve(), args.superlink, args.root_certificates, args.plans_file,
                       args.work, args.max_relative_change) and _committed(args.state) >= plan.total_rounds
 
 
 def _committed(state: Path) -> int:
-    from nnunet_feddah import checkpoint
+    from nnunet_feddah.federation import checkpoint
 
     record = checkpoint.read_record(Path(state))
     return 0 if record is None else int(record["round"])
@@ -101,8 +100,9 @@ def _committed(state: Path) -> int:
 
 def where(plan: FederationPlan, state: Path, work: Path | None, mode: str) -> str:
     """Where everything is, for the operator's next step (export, evaluation, debugging)."""
-    from nnunet_feddah import checkpoint
-    from nnunet_feddah.flower import COORDINATOR_LOG, TIMINGS_FILE
+    from nnunet_feddah.federation import checkpoint
+    from nnunet_feddah.federation.logfile import COORDINATOR_LOG
+    from nnunet_feddah.flower import TIMINGS_FILE
 
     record = checkpoint.read_record(state)
     lines = [f"state:       {state / checkpoint.RECORD} (round {record['round'] if record else 0}/"

@@ -3,7 +3,7 @@
 For each plan (the CPU plan ``FedDAHPlansCPU`` and the AMOS-sized plan, patch 64x160x160) it builds what
 FedDAHTrainer builds: nnU-Net's ``get_training_transforms`` for that plan behind the task label remap,
 applied per sample to the enlarged patches nnU-Net's loader crops (then collated), timed with one thread as
-in an nnU-Net worker process; and the device pipeline (labels nearest, and linear as nnU-Net does) (:mod:`nnunet_feddah.device_augment`, configured from
+in an nnU-Net worker process; and the device pipeline (labels nearest, and linear as nnU-Net does) (:mod:`nnunet_feddah.nnunet.augment.device_augment`, configured from
 that same pipeline) on the whole batch, on CUDA when available, else on CPU tensors. Both draw nnU-Net's
 probabilities, so a batch's cost varies; the numbers are means over many batches. ``--all`` also times
 every transform firing (rotation+scaling, noise, blur on every channel, ...) on both sides.
@@ -29,11 +29,11 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_feddah.augment_settings import config_from_pipeline
-from nnunet_feddah.device_augment import DeviceAugmenter, cuda_or_cpu
+from nnunet_feddah.nnunet.augment.device_augment import DeviceAugmenter, cuda_or_cpu
+from nnunet_feddah.nnunet.augment.settings import config_from_pipeline
+from nnunet_feddah.nnunet.shared_plans import load_template
+from nnunet_feddah.nnunet.task_data import TaskLabelTransform, with_task_labels
 from nnunet_feddah.organs import Task
-from nnunet_feddah.shared_plans import load_template
-from nnunet_feddah.task_data import TaskLabelTransform, with_task_labels
 
 TASK = Task.parse("liver+right_kidney+left_kidney+spleen")
 

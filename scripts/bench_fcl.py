@@ -23,9 +23,9 @@ QUICK_ITERATIONS = 34  # per epoch; the plan's 6 epochs give 204 iterations per 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnunet_feddah.fcl_bench import QUICK_STRATEGIES, check_targets, prepare_phantom_sites, run_benchmark
-    from nnunet_feddah.fedplan import STRATEGIES, load_plan
+    from nnunet_feddah.federation.plan import STRATEGIES, load_plan
     from nnunet_feddah.paths import nnunet_env
+    from nnunet_feddah.results.benchmark import QUICK_STRATEGIES, check_targets, prepare_phantom_sites, run_benchmark
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(REPO / "plans" / "phantom_bench.json"))

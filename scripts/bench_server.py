@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from nnunet_feddah.amr import AMR, AMRConfig, js_divergence, relative_l2
-from nnunet_feddah.dahyper import DAHyper, DAHyperConfig
-from nnunet_feddah.network import hypernet_base, is_head
+from nnunet_feddah.method.amr import AMR, AMRConfig, js_divergence, relative_l2
+from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
+from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir, nnunet_env
 
 Weights = dict[str, torch.Tensor]
@@ -133,11 +133,12 @@ def bench_plan(plans: dict, n_new: int, adam_steps: int | None) -> dict:
 def train_two_rounds(root: Path, epochs: int, iterations: int) -> dict:
     """Phantom site 990, CPU plans, task liver: round 1 from DAHyper's weights, round 2 from its checkpoint."""
     os.environ.update(nnunet_env(root))  # before any nnU-Net import: it reads the folders at import time
-    from nnunet_feddah import phantom, shared_plans
-    from nnunet_feddah.hypernet_file import save_hypernet
-    from nnunet_feddah.round_config import RoundConfig
-    from nnunet_feddah.trainer import train_round
-    from nnunet_feddah.weights import load_weights, save_weights
+    from nnunet_feddah.data import phantom
+    from nnunet_feddah.method.hypernet_file import save_hypernet
+    from nnunet_feddah.nnunet import shared_plans
+    from nnunet_feddah.nnunet.round_config import RoundConfig
+    from nnunet_feddah.nnunet.trainer import train_round
+    from nnunet_feddah.nnunet.weights import load_weights, save_weights
 
     t0 = time.perf_counter()
     phantom.write_cohort(root / "nnUNet_raw", num_sites=1, num_train=8, num_test=1, seed=3, first_dataset_id=990)
@@ -172,10 +173,10 @@ def validation_dice(root: Path, site: str, plans: dict, weights: Mapping[str, to
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_feddah.network import build_network, load_unique_tensors
+    from nnunet_feddah.nnunet.network import build_network, load_unique_tensors
+    from nnunet_feddah.nnunet.task_data import task_dataset_json
+    from nnunet_feddah.nnunet.validation import organ_dice
     from nnunet_feddah.organs import Task
-    from nnunet_feddah.task_data import task_dataset_json
-    from nnunet_feddah.validation import organ_dice
 
     folder = root / "nnUNet_preprocessed" / site
     manager = PlansManager(plans)

@@ -35,7 +35,8 @@ def nnunet_work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_federation(nnunet_work: Path) -> dict:
     """Two phantom sites with the shared CPU plans installed and preprocessed."""
-    from nnunet_feddah import phantom, shared_plans
+    from nnunet_feddah.data import phantom
+    from nnunet_feddah.nnunet import shared_plans
 
     phantom.write_cohort(nnunet_work / "nnUNet_raw", num_sites=2, num_train=5, num_test=1, seed=7,
                          annotated={1: "all", 2: "kidneys+liver"}, first_dataset_id=SITE_FULL)

@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnunet_feddah import amos
-from nnunet_feddah.fedplan import load_plan, validate_sites
+from nnunet_feddah.data import amos
+from nnunet_feddah.federation.plan import load_plan, validate_sites
 from nnunet_feddah.organs import annotated_organs
 from nnunet_feddah.paths import bundled_plans_dir
 
@@ -41,7 +41,7 @@ VAL_IDS = (9, 10, 11, 12, 587)  # validation is merged into training; 587: MRI, 
 
 def _build_amos_folder(root: Path) -> Path:
     """A miniature AMOS22 download: 12 CT + 2 MRI labelled cases, 1 unlabelled test image, metadata CSV."""
-    from nnunet_feddah import phantom
+    from nnunet_feddah.data import phantom
 
     src = root / "phantom"
     phantom.write_cohort(src, num_sites=2, num_train=7, num_test=0, seed=11, first_dataset_id=1)
@@ -121,7 +121,7 @@ def test_split_rules_are_deterministic() -> None:
 
 
 def test_amos_conversion_to_federation(nnunet_work: Path, tmp_path: Path) -> None:
-    from nnunet_feddah import shared_plans
+    from nnunet_feddah.nnunet import shared_plans
 
     base = _build_amos_folder(tmp_path)
     raw = nnunet_work / "nnUNet_raw"

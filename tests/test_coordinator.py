@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_feddah import checkpoint
-from nnunet_feddah.coordinator import Coordinator, SiteJob, SiteResult
-from nnunet_feddah.fedplan import parse_plan
-from nnunet_feddah.network import hypernet_base, is_head
+from nnunet_feddah.federation import checkpoint
+from nnunet_feddah.federation.coordinator import Coordinator, SiteJob, SiteResult
+from nnunet_feddah.federation.plan import parse_plan
+from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir
 
 FINGERPRINT = "sha256:unit"
@@ -155,7 +155,7 @@ def test_baseline_strategies_run_and_resume(tmp_path, base, strategy):
 
 def test_real_sites_in_process(phantom_federation, tmp_path, base):
     """Two real nnU-Net sites, three tasks on asynchronous streams, FedDAH end to end (one process)."""
-    from nnunet_feddah.site import InProcessExecutor
+    from nnunet_feddah.federation.site_round import InProcessExecutor
 
     plan = parse_plan(plan_dict(), str(tmp_path / "unit.json"))
     lines: list[str] = []
@@ -175,7 +175,7 @@ def test_real_sites_in_process(phantom_federation, tmp_path, base):
 
 
 def test_ablation_names_force_their_switch(base):
-    from nnunet_feddah.strategies import make_strategy
+    from nnunet_feddah.method.strategies import make_strategy
 
     assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).amr.config.beta == 0.0
     assert make_strategy("feddah-noWs", {}, base, is_head).amr.config.similarity == "fixed"

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from nnunet_feddah.amr import AMR, AMRConfig, js_divergence, relative_l2
-from nnunet_feddah.dahyper import DAHyper, DAHyperConfig, TargetMismatchError
-from nnunet_feddah.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
-from nnunet_feddah.network import build_network, hypernet_base, is_head, load_unique_tensors
+from nnunet_feddah.method.amr import AMR, AMRConfig, js_divergence, relative_l2
+from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig, TargetMismatchError
+from nnunet_feddah.method.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
+from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors
 from nnunet_feddah.paths import bundled_plans_dir
 
 FINGERPRINT = "sha256:test"

@@ -17,9 +17,8 @@ import pytest
 import torch
 from scipy import stats
 
-from nnunet_feddah.augment_settings import config_from_pipeline
-from nnunet_feddah.batch_transforms import spatial_transform
-from nnunet_feddah.device_augment import (
+from nnunet_feddah.nnunet.augment.batch_transforms import spatial_transform
+from nnunet_feddah.nnunet.augment.device_augment import (
     DeviceAugmentConfig,
     DeviceAugmenter,
     DeviceAugmentError,
@@ -29,7 +28,8 @@ from nnunet_feddah.device_augment import (
     describe,
     sample_params,
 )
-from nnunet_feddah.round_config import (
+from nnunet_feddah.nnunet.augment.settings import config_from_pipeline
+from nnunet_feddah.nnunet.round_config import (
     DEVICE_AUGMENTATION_ENV,
     RoundConfig,
     RoundConfigError,
@@ -167,7 +167,7 @@ def test_rotation_and_scaling_match_nnunets_spatial_transform():
 def test_affine_matrix_follows_nnunets_axis_conventions():
     from batchgeneratorsv2.transforms.spatial.spatial import create_affine_matrix_3d
 
-    from nnunet_feddah.device_augment import rotation_matrix
+    from nnunet_feddah.nnunet.augment.device_augment import rotation_matrix
 
     angles = torch.tensor([[0.3, -0.2, 0.5], [-0.4, 0.1, 0.0]], dtype=torch.float64)
     for row in angles:
@@ -354,7 +354,7 @@ def _round(tmp_path: Path, **fields) -> Path:
 
 
 def _trainer(fed: dict, site: str, tmp_path: Path, monkeypatch, device_augmentation: bool):
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     monkeypatch.setenv("FEDDAH_ROUND_CONFIG", str(_round(tmp_path, device_augmentation=device_augmentation)))
     monkeypatch.delenv(DEVICE_AUGMENTATION_ENV, raising=False)
@@ -392,7 +392,7 @@ def test_trainer_batches_have_nnunets_shapes_dtypes_and_task_labels(phantom_fede
 
 def test_training_with_device_augmentation_learns(phantom_federation, tmp_path, monkeypatch):
     """12 iterations on the CPU plan with augmentation on CPU tensors: ~12 s alone on 2 cores."""
-    from nnunet_feddah.trainer import train_round
+    from nnunet_feddah.nnunet.trainer import train_round
 
     fed = phantom_federation
     monkeypatch.delenv(DEVICE_AUGMENTATION_ENV, raising=False)

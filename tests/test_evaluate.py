@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_feddah.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix
-from nnunet_feddah.merge import merge_task_probabilities
-from nnunet_feddah.report import build_report, check_report, write_report
+from nnunet_feddah.results.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix
+from nnunet_feddah.results.merge import merge_task_probabilities
+from nnunet_feddah.results.report import build_report, check_report, write_report
 
 NAN = math.nan
 
@@ -117,8 +117,8 @@ STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedav
 @pytest.fixture(scope="module")
 def mini_bench(phantom_federation, tmp_path_factory) -> dict:
     """Every strategy over two real rounds of a two-site plan (liver first, then spleen / kidneys), evaluated."""
-    from nnunet_feddah.fcl_bench import run_benchmark
-    from nnunet_feddah.fedplan import parse_plan
+    from nnunet_feddah.federation.plan import parse_plan
+    from nnunet_feddah.results.benchmark import run_benchmark
 
     fed = phantom_federation
     plan = parse_plan({
@@ -137,7 +137,7 @@ def mini_bench(phantom_federation, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_every_strategy_runs_and_is_reported(mini_bench):
-    from nnunet_feddah import checkpoint
+    from nnunet_feddah.federation import checkpoint
 
     report, work = mini_bench["report"], mini_bench["work"]
     assert check_report(report) == []
@@ -164,7 +164,7 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
 
 
 def _export(mini_bench, tmp: Path) -> tuple[Path, str]:
-    from nnunet_feddah.export import export_tasks
+    from nnunet_feddah.results.export import export_tasks
 
     fed = mini_bench["fed"]
     folder = export_tasks(mini_bench["work"] / "states" / "feddah", mini_bench["plan"], fed["full"],
@@ -178,12 +178,12 @@ def test_evaluator_agrees_with_nnunet_predict_and_evaluate_folder(mini_bench, tm
     is voxel-identical to nnUNetv2_predict's."""
     import SimpleITK as sitk
 
-    from nnunet_feddah import checkpoint
-    from nnunet_feddah.evaluate import evaluate_task, load_test_set
-    from nnunet_feddah.export import predict_command
-    from nnunet_feddah.inference import TaskModel, file_dice
-    from nnunet_feddah.network import is_head
+    from nnunet_feddah.federation import checkpoint
+    from nnunet_feddah.nnunet.network import is_head
     from nnunet_feddah.paths import ext_trainer_dir
+    from nnunet_feddah.results.evaluate import evaluate_task, load_test_set
+    from nnunet_feddah.results.export import predict_command
+    from nnunet_feddah.results.inference import TaskModel, file_dice
 
     folder, site = _export(mini_bench, tmp_path)
     fed = mini_bench["fed"]
@@ -238,8 +238,8 @@ def test_evaluator_agrees_with_nnunet_predict_and_evaluate_folder(mini_bench, tm
 
 @pytest.mark.slow
 def test_predict_merges_every_task_into_amos_ids(mini_bench, tmp_path):
-    from nnunet_feddah.predict import MERGE_LOG
-    from nnunet_feddah.predict import main as predict_main
+    from nnunet_feddah.results.predict import MERGE_LOG
+    from nnunet_feddah.results.predict import main as predict_main
 
     folder, site = _export(mini_bench, tmp_path)
     images = mini_bench["fed"]["root"] / "nnUNet_raw" / site / "imagesTs"
@@ -264,8 +264,8 @@ def test_predict_merges_every_task_into_amos_ids(mini_bench, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_writes_the_report_and_refuses_another_plan(mini_bench, tmp_path, capsys):
-    from nnunet_feddah.evaluate import main as evaluate_main
-    from nnunet_feddah.fcl_bench import plan_for
+    from nnunet_feddah.results.benchmark import plan_for
+    from nnunet_feddah.results.evaluate import main as evaluate_main
 
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan_for(mini_bench["plan"], "fedavg").to_json()))

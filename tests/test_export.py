@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_feddah import export
-from nnunet_feddah.coordinator import Coordinator, SiteResult
-from nnunet_feddah.fedplan import parse_plan
-from nnunet_feddah.network import build_network, hypernet_base, is_head, load_unique_tensors, unique_tensors
+from nnunet_feddah.federation.coordinator import Coordinator, SiteResult
+from nnunet_feddah.federation.plan import parse_plan
+from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors, unique_tensors
 from nnunet_feddah.organs import Task
 from nnunet_feddah.paths import bundled_plans_dir, ext_trainer_dir
+from nnunet_feddah.results import export
 
 STREAM = ["kidneys", "liver"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_feddah.fedplan import FederationPlanError, load_plan, parse_plan, validate_sites
+from nnunet_feddah.federation.plan import FederationPlanError, load_plan, parse_plan, validate_sites
+from nnunet_feddah.nnunet.round_config import RoundConfig
 from nnunet_feddah.organs import Task
-from nnunet_feddah.round_config import RoundConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "plans" / "phantom_4site.json"

@@ -17,13 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_feddah import checkpoint
-from nnunet_feddah.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation import checkpoint
+from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
 from nnunet_feddah.flower import app_dir, messages, procs
 from nnunet_feddah.flower.executor import FlowerExecutor
-from nnunet_feddah.flower.flwr_cli import config_arg, flower_env
-from nnunet_feddah.flower.pki import make_site_key
-from nnunet_feddah.flower.supernode import supernode_command
+from nnunet_feddah.flower.launch.flwr_cli import config_arg, flower_env
+from nnunet_feddah.flower.launch.pki import make_site_key
+from nnunet_feddah.flower.launch.supernode import supernode_command
 
 
 # --- wire format ----------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_coordinate_reports_a_bad_plan(tmp_path, capsys):
 
 
 def test_site_cli_refuses_missing_key(tmp_path, capsys):
-    from nnunet_feddah.site import main
+    from nnunet_feddah.federation.site_round import main
 
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(_plan_dict(tmp_path, rounds_per_step=1)))

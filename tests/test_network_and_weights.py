@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from nnunet_feddah import network as net
+from nnunet_feddah.nnunet import network as net
+from nnunet_feddah.nnunet.weights import WeightsFileError, load_weights, read_header, save_weights
 from nnunet_feddah.paths import bundled_plans_dir
-from nnunet_feddah.weights import WeightsFileError, load_weights, read_header, save_weights
 
 
 def _template(name: str = "template_cpu.json") -> dict:

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_feddah import phantom
-from nnunet_feddah.organs import BY_LABEL, annotated_organs, organ, organs_in_dataset_json
-from nnunet_feddah.phantom import (
+from nnunet_feddah.data import phantom
+from nnunet_feddah.data.anatomy import synthesize
+from nnunet_feddah.data.phantom import (
     DEFAULT_SHAPE,
     case_rng,
     default_profiles,
@@ -21,7 +21,7 @@ from nnunet_feddah.phantom import (
     make_case,
     write_site_dataset,
 )
-from nnunet_feddah.phantom_anatomy import synthesize
+from nnunet_feddah.organs import BY_LABEL, annotated_organs, organ, organs_in_dataset_json
 
 PROFILE = default_profiles(1)[0]
 

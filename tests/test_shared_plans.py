@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from nnunet_feddah import shared_plans
+from nnunet_feddah.nnunet import shared_plans
 
 
 def test_sites_share_one_architecture_and_normalisation(phantom_federation):
@@ -29,7 +29,7 @@ def test_sites_share_one_architecture_and_normalisation(phantom_federation):
 
 def test_plans_file_from_the_reference_site_installs_at_another_hospital(phantom_federation, tmp_path):
     """The real-federation path: a third site receives the shared plans JSON, not the reference's data."""
-    from nnunet_feddah import phantom
+    from nnunet_feddah.data import phantom
 
     fed = phantom_federation
     raw = fed["root"] / "nnUNet_raw"
@@ -53,7 +53,7 @@ def test_plans_file_from_the_reference_site_installs_at_another_hospital(phantom
 
 
 def test_amos_template_gives_a_different_fingerprint():
-    from nnunet_feddah.network import architecture_fingerprint
+    from nnunet_feddah.nnunet.network import architecture_fingerprint
 
     cpu, amos = shared_plans.load_template("cpu"), shared_plans.load_template("amos")
     assert architecture_fingerprint(cpu) != architecture_fingerprint(amos)

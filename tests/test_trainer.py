@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_feddah import network as net
+from nnunet_feddah.nnunet import network as net
+from nnunet_feddah.nnunet.round_config import RoundConfig, RoundConfigError
+from nnunet_feddah.nnunet.weights import WeightsFileError, load_weights, save_weights
 from nnunet_feddah.organs import Task
-from nnunet_feddah.round_config import RoundConfig, RoundConfigError
-from nnunet_feddah.weights import WeightsFileError, load_weights, save_weights
 
 
 def _plans(fed: dict, site: str) -> dict:
@@ -74,7 +74,7 @@ def test_nnunetv2_train_finds_the_trainer_and_trains_from_a_weights_file(phantom
 
 
 def test_in_process_round_learns_and_continues_the_lr_curve(phantom_federation, tmp_path):
-    from nnunet_feddah.trainer import train_round
+    from nnunet_feddah.nnunet.trainer import train_round
 
     fed, site = phantom_federation, phantom_federation["partial"]
     config = _round(tmp_path, task="liver", epochs=2, iterations_per_epoch=4, epoch_offset=10, total_epochs=20)
@@ -91,7 +91,7 @@ def test_label_remapping_is_exact_voxel_by_voxel(phantom_federation):
     """Site labels are AMOS ids; the network sees background + task organs in task order."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_feddah.task_data import TaskFocusedDataset, TaskLabelTransform
+    from nnunet_feddah.nnunet.task_data import TaskFocusedDataset, TaskLabelTransform
 
     fed, site = phantom_federation, phantom_federation["full"]
     folder = fed["root"] / "nnUNet_preprocessed" / site / f"{fed['plans']}_3d_fullres"
@@ -114,7 +114,7 @@ def test_label_remapping_is_exact_voxel_by_voxel(phantom_federation):
 
 
 def test_training_batches_only_contain_task_labels(phantom_federation, tmp_path, monkeypatch):
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     fed, site = phantom_federation, phantom_federation["full"]
     monkeypatch.setenv("FEDDAH_ROUND_CONFIG", str(_round(tmp_path, task="pancreas+liver")))
@@ -133,7 +133,7 @@ def test_training_batches_only_contain_task_labels(phantom_federation, tmp_path,
 
 
 def test_standalone_without_round_config_trains_every_annotated_organ(phantom_federation, monkeypatch):
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     fed, site = phantom_federation, phantom_federation["partial"]
     monkeypatch.delenv("FEDDAH_ROUND_CONFIG", raising=False)
@@ -148,8 +148,8 @@ def test_standalone_without_round_config_trains_every_annotated_organ(phantom_fe
 @pytest.mark.parametrize("case", ["unknown_organ", "organ_not_annotated", "other_architecture", "other_task_head",
                                   "missing_env"])
 def test_bad_input_fails_clearly_and_writes_nothing(phantom_federation, tmp_path, monkeypatch, case):
-    from nnunet_feddah.task_data import TaskNotAvailableError
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.task_data import TaskNotAvailableError
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     fed, site = phantom_federation, phantom_federation["partial"]
     plans = _plans(fed, site) | {"continue_training": False}

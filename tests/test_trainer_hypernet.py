@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_feddah import network as net
-from nnunet_feddah.amr import AMR
-from nnunet_feddah.dahyper import DAHyper, DAHyperConfig
-from nnunet_feddah.hypernet_file import HypernetFileError, save_hypernet
-from nnunet_feddah.round_config import RoundConfig, RoundConfigError
+from nnunet_feddah.method.amr import AMR
+from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
+from nnunet_feddah.method.hypernet_file import HypernetFileError, save_hypernet
+from nnunet_feddah.nnunet import network as net
+from nnunet_feddah.nnunet.round_config import RoundConfig, RoundConfigError
 
 
 def _site(fed: dict, site: str) -> tuple[dict, dict]:
@@ -44,7 +44,7 @@ def _round(tmp_path: Path, **fields) -> Path:
 
 
 def test_trainer_starts_from_the_generated_weights_and_trains(phantom_federation, tmp_path, monkeypatch):
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     fed, site = phantom_federation, phantom_federation["full"]
     plans, dataset_json = _site(fed, site)
@@ -68,7 +68,7 @@ def test_trainer_starts_from_the_generated_weights_and_trains(phantom_federation
     assert metrics["iterations"] == 2 and set(metrics["dice"]) == {"right_kidney", "left_kidney"}
     assert metrics["start_weights"] == {"hypernet_checkpoint": str(tmp_path / "hyper.safetensors"),
                                         "hypernet_task": "kidneys"}
-    from nnunet_feddah.weights import load_weights
+    from nnunet_feddah.nnunet.weights import load_weights
 
     trained, meta = load_weights(tmp_path / "out" / "w.safetensors")
     assert meta["task"] == "kidneys" and set(trained) == set(expected)
@@ -78,7 +78,7 @@ def test_trainer_starts_from_the_generated_weights_and_trains(phantom_federation
 @pytest.mark.parametrize("case", ["other_fingerprint", "unregistered_task", "organ_order", "both_fields",
                                   "task_without_checkpoint", "missing_checkpoint", "not_a_checkpoint"])
 def test_bad_hypernet_input_fails_clearly_and_writes_nothing(phantom_federation, tmp_path, monkeypatch, case):
-    from nnunet_feddah.trainer import FedDAHTrainer
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
     fed, site = phantom_federation, phantom_federation["partial"]
     plans, dataset_json = _site(fed, site)

@@ -4,6 +4,6 @@ This file only re-exports the trainer so that ``nnUNetv2_train ... -tr FedDAHTra
 unmodified nnunetv2 install. Get the folder with ``nnfeddah ext-trainer-path``.
 """
 
-from nnunet_feddah.trainer import FedDAHTrainer
+from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
 __all__ = ["FedDAHTrainer"]

@@ -1,7 +1,7 @@
 """Flower 1.41 adapters: the only package that imports ``flwr``.
 
-* :mod:`.server_app` / :mod:`.client_app` — the ServerApp (drives :class:`~nnunet_feddah.coordinator.Coordinator`
-  through :class:`.executor.FlowerExecutor`) and the ClientApp (runs :func:`nnunet_feddah.site.run_site_round`);
+* :mod:`.server_app` / :mod:`.client_app` — the ServerApp (drives :class:`~nnunet_feddah.federation.coordinator.Coordinator`
+  through :class:`.executor.FlowerExecutor`) and the ClientApp (runs :func:`nnunet_feddah.federation.site_round.run_site_round`);
   ``app/`` is the Flower app directory that ``flwr run`` packs (its components live in this installed package,
   because SuperLink and SuperNodes run with runtime dependency installation disabled).
 * :mod:`.launch` — a whole federation on loopback (TLS SuperLink, one SuperNode per site) for demos and tests.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COORDINATOR_LOG = "coordinator.log"  # in the state folder: every coordinator line, timestamped
 TIMINGS_FILE = "flower_timings.jsonl"  # in the state folder: per round and site, where the time went
 
 

@@ -1,4 +1,4 @@
-"""A site as a Flower ClientApp: one ``train`` message = one :func:`nnunet_feddah.site.run_site_round`.
+"""A site as a Flower ClientApp: one ``train`` message = one :func:`nnunet_feddah.federation.site_round.run_site_round`.
 
 The SuperNode starts a fresh ClientApp process per message, which suits nnU-Net: it reads its folder
 variables when it is imported, so they are set here from the site's plan *before* anything imports
@@ -76,11 +76,11 @@ def train(msg: Message, context: Context) -> Message:
         job, defaults = messages.job_from_content(msg.content)
         if job.site != site:
             raise SiteMismatchError(f"this SuperNode serves site {site!r}, the job is for {job.site!r}")
-        from nnunet_feddah.fedplan import load_plan
+        from nnunet_feddah.federation.plan import load_plan
 
         plan = load_plan(_setting(context.node_config, defaults, "plan", ""))
         prepare_nnunet_env(plan.nnunet_folders(site))
-        from nnunet_feddah.site import run_site_round
+        from nnunet_feddah.federation.site_round import run_site_round
 
         work_dir = Path(_setting(context.node_config, defaults, "work-dir", DEFAULT_WORK_DIR))
         result = run_site_round(job, plan.site(site).dataset, plan.plans_identifier, work_dir,

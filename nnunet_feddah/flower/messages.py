@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from nnunet_feddah.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
 
 TRAIN = "train"
 HELLO = "query"

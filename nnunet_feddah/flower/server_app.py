@@ -1,6 +1,6 @@
 """The coordinator as a Flower ServerApp: open (or resume) the state folder, then run every remaining round.
 
-All round logic lives in :class:`~nnunet_feddah.coordinator.Coordinator`; this module only wires it to a
+All round logic lives in :class:`~nnunet_feddah.federation.coordinator.Coordinator`; this module only wires it to a
 Flower Grid. The ServerApp's stdout is only visible through ``flwr log``, so every coordinator line is
 also appended to ``<state-dir>/coordinator.log``, which the launchers tail. A lock file keeps a second
 coordinator (e.g. an orphan of a killed launcher) off the same state folder.
@@ -20,11 +20,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from nnunet_feddah.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
-from nnunet_feddah.fedplan import FederationPlan, load_plan, validate_sites
-from nnunet_feddah.flower import COORDINATOR_LOG, TIMINGS_FILE
+from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
+from nnunet_feddah.federation.plan import FederationPlan, load_plan, validate_sites
+from nnunet_feddah.flower import TIMINGS_FILE
 from nnunet_feddah.flower.executor import FlowerExecutor
-from nnunet_feddah.flower.logfile import file_logger
 
 LOCK_FILE = "coordinator.lock"
 
@@ -55,7 +55,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 
 def shared_plans(plan: FederationPlan, plans_file: str) -> tuple[dict[str, Any], str]:
     """The shared nnU-Net plans and their architecture fingerprint, from a site's data or an explicit file."""
-    from nnunet_feddah.network import architecture_fingerprint
+    from nnunet_feddah.nnunet.network import architecture_fingerprint
 
     if plans_file:
         plans = json.loads(Path(plans_file).read_text())
@@ -76,7 +76,7 @@ def run_config(context: Context) -> dict[str, Any]:
 
 
 def open_coordinator(config: Mapping[str, Any], log: Callable[[str], None]) -> Coordinator:
-    from nnunet_feddah.network import hypernet_base, is_head
+    from nnunet_feddah.nnunet.network import hypernet_base, is_head
 
     plan = load_plan(str(config["plan"]))
     plans, fingerprint = shared_plans(plan, str(config.get("plans-file", "")))

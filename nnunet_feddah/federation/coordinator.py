@@ -1,0 +1,265 @@
+"""The engine-agnostic round loop: whom to send what, which uploads to accept, update, checkpoint.
+
+No Flower and no nnU-Net here: a round is ``jobs(r)`` → an *executor* (in-process sites for tests,
+Flower messages in production) → ``apply(r, jobs, results)``. The order inside ``apply`` is what makes
+a crash harmless: every upload is validated before the strategy sees any of them, the strategy is
+updated in memory, and only the atomic commit of ``checkpoint.json`` makes the round count. A
+coordinator restarted from the state folder resumes after the last committed round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnunet_feddah.federation import checkpoint
+from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.method.strategies import Strategy, Tensors, Upload, make_strategy
+from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
+
+DEFAULT_MAX_RELATIVE_CHANGE = 1.0
+
+
+@dataclass
+class SiteJob:
+    """What one site is asked to do in one round."""
+
+    site: str
+    round: int
+    task: str
+    organs: list[int]
+    step: int
+    settings: dict[str, Any]
+    weights: Tensors
+
+
+@dataclass
+class SiteResult:
+    """What a site sent back: trained unique tensors and the trainer's metrics."""
+
+    site: str
+    round: int
+    task: str
+    weights: Tensors
+    metrics: dict[str, Any]
+    seconds: float = 0.0
+
+
+class UploadRejected(ValueError):
+    """An upload that must not touch the strategy; the message is the logged reason."""
+
+
+Executor = Callable[[Mapping[str, SiteJob], float], Mapping[str, "SiteResult | BaseException | str"]]
+
+
+def plan_hash(plan: FederationPlan) -> str:
+    """Identity of a plan's content, so a state folder is never resumed under another plan."""
+    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in tensors.values() if v.is_floating_point()))
+
+
+def update_lost(sent: Mapping[str, torch.Tensor], uploaded: Mapping[str, torch.Tensor],
+                after: Mapping[str, torch.Tensor]) -> float:
+    """‖after − uploaded‖ / ‖uploaded − sent‖: the fraction of a site's round of training the server lost.
+
+    Relative L2 against the whole weight vector hides this (a round moves the weights by a few percent),
+    so fidelity is judged against the site's own change. For FedAvg it also measures the averaging.
+    """
+    lost = _norm({k: after[k].double() - v.double() for k, v in uploaded.items()})
+    return lost / max(_norm({k: v.double() - sent[k].double() for k, v in uploaded.items()}), 1e-12)
+
+
+def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float) -> None:
+    """Raise :class:`UploadRejected` naming the problem; nothing is modified."""
+    if result.site != job.site or result.round != job.round or result.task != job.task:
+        raise UploadRejected(f"answers site={result.site} round={result.round} task={result.task}, but "
+                             f"{job.site} was sent round {job.round} task {job.task}")
+    mismatches = shape_mismatches({k: tuple(v.shape) for k, v in job.weights.items()},
+                                  {k: tuple(v.shape) for k, v in result.weights.items()})
+    if mismatches:
+        raise UploadRejected(f"tensor names/shapes differ from what was sent: {'; '.join(mismatches)}")
+    bad = non_finite(result.weights)
+    if bad:
+        raise UploadRejected(f"NaN/Inf in {bad[:3]}")
+    change = _norm({k: result.weights[k].double() - job.weights[k].double() for k in job.weights}) / max(
+        _norm(job.weights), 1e-12)
+    if change > max_relative_change:
+        raise UploadRejected(f"relative change {change:.3f} of the weights exceeds the bound {max_relative_change}")
+    metrics = result.metrics
+    loss = metrics.get("train_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise UploadRejected(f"metrics field 'train_loss' is {loss!r}, expected a finite number")
+    if not isinstance(metrics.get("iterations"), int) or metrics["iterations"] < 1:
+        raise UploadRejected(f"metrics field 'iterations' is {metrics.get('iterations')!r}, expected ≥ 1")
+    for organ, dice in (metrics.get("dice") or {}).items():
+        if dice is not None and not (isinstance(dice, (int, float)) and (math.isnan(dice) or 0 <= dice <= 1)):
+            raise UploadRejected(f"metrics field 'dice.{organ}' is {dice!r}, expected a value in [0, 1]")
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    update_s: float = 0.0
+    checkpoint_s: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "sites": self.sites, "update_s": self.update_s,
+                "checkpoint_s": self.checkpoint_s, "seconds": self.seconds}
+
+
+class Coordinator:
+    """Owns the strategy and the state folder; drives rounds through any executor."""
+
+    def __init__(self, plan: FederationPlan, state_dir: Path, strategy: Strategy, fingerprint: str,
+                 log: Callable[[str], None] = print, max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE,
+                 history: list[dict[str, Any]] | None = None, last_round: int = 0) -> None:
+        self.plan, self.state_dir, self.strategy, self.fingerprint = plan, Path(state_dir), strategy, fingerprint
+        self.log, self.max_relative_change = log, max_relative_change
+        self.history = history or []
+        self.last_round = last_round
+        self.before_commit: Callable[[], None] | None = None  # test hook: runs between update and commit
+        self.mid_commit: Callable[[], None] | None = None  # test hook: runs inside the commit
+
+    @classmethod
+    def open(cls, plan: FederationPlan, state_dir: Path | str, base: Mapping[str, torch.Tensor],
+             is_head: Callable[[str], bool], fingerprint: str, log: Callable[[str], None] = print,
+             max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE) -> Coordinator:
+        """A fresh coordinator, or the one committed in ``state_dir`` (resume)."""
+        state_dir = Path(state_dir)
+        record = checkpoint.read_record(state_dir)
+        if record is None:
+            strategy = make_strategy(plan.strategy.name, plan.strategy.params, base, is_head)
+            return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change)
+        if record.get("plan_hash") != plan_hash(plan):
+            raise checkpoint.CheckpointError(
+                f"{state_dir / checkpoint.RECORD}: field 'plan_hash' is {record.get('plan_hash')}, this plan "
+                f"({plan.source}) hashes to {plan_hash(plan)}; resume with the plan that started it or use a new "
+                f"--state folder")
+        if record["architecture_fingerprint"] != fingerprint:
+            raise checkpoint.CheckpointError(
+                f"{state_dir / checkpoint.RECORD}: field 'architecture_fingerprint' is "
+                f"{record['architecture_fingerprint']}, the sites' plans give {fingerprint}")
+        strategy = checkpoint.load_strategy(state_dir / record["strategy_file"], fingerprint, is_head)
+        log(f"resuming {plan.name} after committed round {record['round']} from {state_dir}")
+        return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, record["history"],
+                   record["round"])
+
+    @property
+    def next_round(self) -> int:
+        return self.last_round + 1
+
+    @property
+    def finished(self) -> bool:
+        return self.last_round >= self.plan.total_rounds
+
+    def jobs(self, round_index: int) -> dict[str, SiteJob]:
+        """One job per site that trains in this round (new tasks are allocated here)."""
+        jobs = {}
+        for site, task in self.plan.active_sites(round_index).items():
+            organs = list(task.labels)
+            weights = self.strategy.weights_for(site, task.key, organs, round_index)
+            jobs[site] = SiteJob(site, round_index, task.key, organs, self.plan.site_step(site, round_index),
+                                 self.plan.round_settings(site, round_index), weights)
+        return jobs
+
+    def apply(self, round_index: int, jobs: Mapping[str, SiteJob],
+              results: Mapping[str, SiteResult | BaseException | str], started: float | None = None) -> RoundSummary:
+        """Validate, update, commit. Rejected or missing uploads are logged and leave no trace in the state."""
+        started = time.perf_counter() if started is None else started
+        summary = RoundSummary(round_index)
+        accepted: list[tuple[SiteJob, SiteResult]] = []
+        for site, job in jobs.items():
+            result = results.get(site, "no answer before the round deadline")
+            line = {"task": job.task, "step": job.step + 1, "steps": len(self.plan.site(site).stream)}
+            try:
+                if not isinstance(result, SiteResult):
+                    raise UploadRejected(f"site failed: {result}")
+                validate_upload(job, result, self.max_relative_change)
+                accepted.append((job, result))
+                line.update(status="accepted", mean_dice=result.metrics.get("mean_dice"),
+                            dice=result.metrics.get("dice"), train_loss=result.metrics.get("train_loss"),
+                            seconds=result.seconds)
+            except UploadRejected as exc:
+                line.update(status="rejected", reason=str(exc))
+            summary.sites[site] = line
+        start = time.perf_counter()
+        uploads = [Upload(r.site, r.task, j.organs, r.weights, int(r.metrics.get("num_training_cases") or 1))
+                   for j, r in accepted]
+        reports = self.strategy.update(uploads, round_index) if uploads else []
+        for (job, result), report in zip(accepted, reports, strict=True):
+            kept = {k: v for k, v in report.items() if k in (
+                "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift")}
+            kept["update_lost"] = update_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
+            summary.sites[job.site]["update"] = kept
+        summary.update_s = time.perf_counter() - start
+        if self.before_commit is not None:
+            self.before_commit()
+        start = time.perf_counter()
+        summary.seconds = start - started
+        self.history.append(summary.to_json())
+        record = {"plan": self.plan.name, "plan_hash": plan_hash(self.plan), "history": self.history,
+                  "site_steps": {s: self.plan.site_step(s, round_index) for s in self.plan.site_names}}
+        try:
+            checkpoint.commit(self.state_dir, round_index, self.strategy, self.fingerprint, record, self.mid_commit,
+                              snapshot=round_index in self.plan.time_steps)
+        except BaseException:
+            self.history.pop()
+            raise
+        summary.checkpoint_s = time.perf_counter() - start
+        self.history[-1]["checkpoint_s"] = summary.checkpoint_s
+        self.last_round = round_index
+        self._print_round(summary)
+        return summary
+
+    def run(self, execute: Executor) -> list[dict[str, Any]]:
+        """Run every remaining round; returns the full round history."""
+        while not self.finished:
+            round_index = self.next_round
+            started = time.perf_counter()
+            jobs = self.jobs(round_index)
+            results = execute(jobs, self.plan.round_deadline_s) if jobs else {}
+            self.apply(round_index, jobs, results, started)
+        self.log(final_table(self.history))
+        return self.history
+
+    def _print_round(self, summary: RoundSummary) -> None:
+        total = self.plan.total_rounds
+        for site, line in summary.sites.items():
+            if line["status"] == "accepted":
+                dice = " ".join(f"{k}={v:.3f}" for k, v in (line.get("dice") or {}).items() if v is not None)
+                loss = line.get("train_loss")
+                self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
+                         f"{line['task']:<16} dice {dice or '-'} loss {loss:.3f} {line.get('seconds', 0):.1f}s")
+            else:
+                self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
+                         f"{line['task']:<16} REJECTED: {line['reason']}")
+        accepted = sum(1 for v in summary.sites.values() if v["status"] == "accepted")
+        self.log(f"round {summary.round}/{total} done: {accepted}/{len(summary.sites)} uploads accepted, "
+                 f"update {summary.update_s:.1f}s, checkpoint {summary.checkpoint_s:.1f}s, "
+                 f"round {summary.seconds + summary.checkpoint_s:.1f}s")
+
+
+def final_table(history: list[dict[str, Any]]) -> str:
+    """Last accepted Dice per task and site, as a small text table."""
+    last: dict[tuple[str, str], tuple[int, Any]] = {}
+    for entry in history:
+        for site, line in entry["sites"].items():
+            if line["status"] == "accepted":
+                last[(line["task"], site)] = (entry["round"], line.get("mean_dice"))
+    rows = ["task             site      round  mean Dice"]
+    for (task, site), (round_index, dice) in sorted(last.items()):
+        rows.append(f"{task:<16} {site:<8} {round_index:>6}  {dice if dice is None else f'{dice:.3f}'}")
+    return "\n".join(rows)

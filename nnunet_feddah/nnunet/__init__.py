@@ -1,0 +1,11 @@
+"""The nnU-Net room: everything that trains with nnunetv2.
+
+Holds: :mod:`.network` (the shared network built from plans and its unique tensors), :mod:`.weights`
+(weight files), :mod:`.datasets` (dataset id <-> name), :mod:`.round_config` (what a site asks one round
+to do), :mod:`.task_data` (task labels and data), :mod:`.validation` (per-organ Dice), :mod:`.shared_plans`
+(one architecture for every site + preprocessing), :mod:`.trainer` (``FedDAHTrainer``) and
+:mod:`.augment` (nnU-Net's training augmentation on the training device).
+
+May import: nnunetv2 and its dependencies, torch, and the base modules of ``nnunet_feddah``. Never
+``method``, ``federation``, ``flower``, ``data`` or ``results``.
+"""

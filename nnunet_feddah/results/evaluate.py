@@ -1,0 +1,269 @@
+"""Evaluation of a federation over time: every task seen so far, after every time step, at every site.
+
+Reads a coordinator state folder: ``steps/strategy-rNNNN.safetensors`` is the strategy as it was at
+the end of each time step (:attr:`FederationPlan.time_steps`). For each of them, every task some site
+had trained by then is generated (FedDAH) or looked up (baselines), and run with nnU-Net's predictor
+on the held-out cases (``imagesTs``/``labelsTs`` of the raw dataset) of every site whose dataset
+annotates all the task's organs. Dice is nnU-Net's (``compute_tp_fp_fn_tn``) in the original image
+geometry, per organ and case; a task's Dice at a site is the mean over its organs of the case-mean.
+
+Output (``evaluation.json``): a Dice matrix per site and the site mean, per-organ Dice over time, and
+the continual-learning metrics of :mod:`nnunet_feddah.results.fcl_metrics`. No test-time mirroring (a choice
+for speed on CPU; the same for every strategy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.federation import checkpoint
+from nnunet_feddah.federation.coordinator import plan_hash
+from nnunet_feddah.federation.plan import FederationPlan, load_plan
+from nnunet_feddah.organs import BY_LABEL, Task, annotated_organs
+from nnunet_feddah.results.export import ExportError, amos_dataset_json, read_json, resolve_dataset
+from nnunet_feddah.results.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix, nanmean
+from nnunet_feddah.results.inference import InferenceError, PreparedImage, SharedPlans, TaskModel, label_dice
+
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_FORMAT = "nnunet-feddah-evaluation/1"
+
+
+class EvaluationError(ValueError):
+    """A state or site that cannot be evaluated; the message names the file/field and the fix."""
+
+
+@dataclass
+class SiteTestSet:
+    """A site's held-out cases, preprocessed once and reused for every task and time step."""
+
+    site: str
+    dataset: str
+    organs: tuple[int, ...]  # AMOS ids the site annotates
+    shared: SharedPlans
+    images: dict[str, PreparedImage]
+    references: dict[str, np.ndarray]
+
+    def can_evaluate(self, task: Task) -> bool:
+        return bool(self.images) and set(task.labels) <= set(self.organs)
+
+
+def load_test_set(plan: FederationPlan, site: str, log: Callable[[str], None] = print) -> SiteTestSet:
+    """The site's ``imagesTs``/``labelsTs`` (raw dataset), read and preprocessed with the shared plans."""
+    folders = plan.nnunet_folders(site)
+    try:
+        name = resolve_dataset(plan.site(site).dataset, folders["nnUNet_preprocessed"])
+    except ExportError as exc:
+        raise EvaluationError(f"site {site}: {exc}") from exc
+    raw = folders["nnUNet_raw"] / name
+    dataset_json = read_json(raw / "dataset.json", f"raw dataset.json of site {site}", EvaluationError)
+    plans = read_json(folders["nnUNet_preprocessed"] / name / f"{plan.plans_identifier}.json",
+                      f"shared plans of site {site}; run `nnfeddah plans install`", EvaluationError)
+    shared = SharedPlans(plans, amos_dataset_json(dataset_json))
+    organs = tuple(o.label for o in annotated_organs(dataset_json))
+    images, references = {}, {}
+    if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir():
+        reader = shared.reader()
+        for case, files in shared.input_cases(raw / "imagesTs").items():
+            label_file = raw / "labelsTs" / f"{case}{shared.file_ending}"
+            if not label_file.is_file():
+                log(f"[evaluate] {site}: {case} has no {label_file.name} in labelsTs; not evaluated")
+                continue
+            images[case] = shared.prepare(case, files)
+            references[case] = np.asarray(reader.read_seg(str(label_file))[0][0])
+    if not images:
+        log(f"[evaluate] {site}: no labelled held-out cases in {raw}/imagesTs + labelsTs; site not evaluated")
+    return SiteTestSet(site, name, organs, shared, images, references)
+
+
+def evaluate_task(test_set: SiteTestSet, model: TaskModel) -> dict[str, Any]:
+    """Dice of one task model on one site's held-out cases: per case and organ, per organ, and the task mean."""
+    per_case = {}
+    for case, image in test_set.images.items():
+        prediction, _ = model.predict(image)
+        per_case[case] = {BY_LABEL[o].key: v for o, v in label_dice(test_set.references[case], prediction,
+                                                                    model.organs).items()}
+    organs = {BY_LABEL[o].key: nanmean([scores[BY_LABEL[o].key] for scores in per_case.values()])
+              for o in model.organs}
+    return {"dice": nanmean(list(organs.values())), "organs": organs, "per_case": per_case}
+
+
+def _fingerprint(test_sets: Mapping[str, SiteTestSet]) -> str:
+    fingerprints = {s.shared.plans.get("feddah", {}).get("architecture_fingerprint") for s in test_sets.values()}
+    if len(fingerprints) != 1 or None in fingerprints:
+        raise EvaluationError(f"the sites' shared plans disagree on field 'feddah.architecture_fingerprint' "
+                              f"({sorted(map(str, fingerprints))}). Fix: install the same shared plans at every site")
+    return fingerprints.pop()
+
+
+def last_training_column(plan: FederationPlan, task: Task, steps: Sequence[int]) -> int:
+    """Index of the last time step in whose rounds ``(steps[j-1], steps[j]]`` some site trained ``task``."""
+    columns = [j for j, end in enumerate(steps)
+               if (plan.last_trained_round(task, end) or 0) > (steps[j - 1] if j else 0)]
+    if not columns:
+        raise EvaluationError(f"task {task.key} was never trained up to round {steps[-1]}")
+    return columns[-1]
+
+
+def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
+    """The time-step snapshots evaluation needs; every step up to the last committed round must have one."""
+    record = checkpoint.read_record(state_dir)
+    if record is None:
+        raise EvaluationError(f"{state_dir} has no {checkpoint.RECORD}: no round committed. Fix: pass the --state "
+                              f"folder of a coordinator run")
+    if record.get("plan_hash") != plan_hash(plan):
+        raise EvaluationError(f"{state_dir / checkpoint.RECORD}: field 'plan_hash' is {record.get('plan_hash')}, but "
+                              f"plan {plan.source} hashes to {plan_hash(plan)}. Fix: pass the plan this state was run "
+                              f"with (its time steps and tasks define the evaluation)")
+    steps = [r for r in plan.time_steps if r <= record["round"]]
+    if not steps:
+        raise EvaluationError(f"{state_dir / checkpoint.RECORD}: field 'round' is {record['round']}, before the first "
+                              f"time step (round {plan.time_steps[0]}); nothing to evaluate yet")
+    files = {r: checkpoint.snapshot_path(state_dir, r) for r in steps}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise EvaluationError(f"time-step snapshot(s) {missing} missing. Fix: the state was written by an older "
+                              f"coordinator or the steps/ folder was removed; re-run the federation into a new --state")
+    return files
+
+
+def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: str = "cpu",
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Dice matrices (per site and mean), per-organ Dice over time and FCL metrics of one coordinator state."""
+    from nnunet_feddah.nnunet.network import is_head
+
+    started = time.perf_counter()
+    state_dir = Path(state_dir)
+    files = snapshot_files(plan, state_dir)
+    test_sets = {s: load_test_set(plan, s, log) for s in plan.site_names}
+    fingerprint = _fingerprint(test_sets)
+    steps = list(files)
+    tasks = list(plan.tasks_trained_by(steps[-1]))
+    keys = [t.key for t in tasks]
+    per_site = {s: np.full((len(tasks), len(steps)), np.nan) for s in test_sets}
+    organ_values: dict[str, dict[str, list[float]]] = {}  # organ -> site -> Dice per step
+    details: dict[str, Any] = {}
+    strategy_name = None
+    torch_device = torch.device(device)
+    for j, round_index in enumerate(steps):
+        strategy = checkpoint.load_strategy(files[round_index], fingerprint, is_head)
+        strategy_name = strategy.name
+        for task in plan.tasks_trained_by(round_index):
+            i = keys.index(task.key)
+            for site, test_set in test_sets.items():
+                if not test_set.can_evaluate(task):
+                    continue
+                try:
+                    weights = strategy.weights_at_site(site, task.key)
+                except KeyError:  # every upload of the task so far was rejected: nothing to evaluate yet
+                    log(f"[evaluate] round {round_index} {task.key}: no accepted upload yet; not evaluated")
+                    break
+                model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key, torch_device)
+                result = evaluate_task(test_set, model)
+                per_site[site][i, j] = result["dice"]
+                for organ, value in result["organs"].items():
+                    organ_values.setdefault(organ, {}).setdefault(site, [math.nan] * len(steps))[j] = value
+                details.setdefault(f"r{round_index}", {}).setdefault(task.key, {})[site] = result
+                log(f"[evaluate] round {round_index} {task.key:<16} {site:<8} Dice {result['dice']:.3f}")
+    matrices = {s: DiceMatrix(keys, steps, v) for s, v in per_site.items() if test_sets[s].images}
+    if not matrices:
+        raise EvaluationError("no site has labelled held-out cases (imagesTs + labelsTs); nothing was evaluated")
+    mean = mean_matrix(matrices)
+    last_trained = {t.key: last_training_column(plan, t, steps) for t in tasks}
+    metrics = fcl_metrics(mean, last_trained)
+    per_organ = {organ: [nanmean([values[j] for values in by_site.values()]) for j in range(len(steps))]
+                 for organ, by_site in organ_values.items()}
+    return {
+        "format": EVALUATION_FORMAT, "plan": plan.name, "seed": plan.seed, "strategy": strategy_name,
+        "state": str(state_dir.resolve()), "steps": steps, "tasks": keys,
+        "dice_matrix": mean.to_json(), "per_site": {s: m.to_json() for s, m in matrices.items()},
+        "per_organ": per_organ,
+        "last_trained_step": {k: steps[v] for k, v in last_trained.items()},
+        "cases": {s: sorted(t.images) for s, t in test_sets.items()},
+        **metrics,
+        "details": details,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_stats(state_dir: os.PathLike | str) -> dict[str, Any]:
+    """Server-side costs of a finished run from its state: memory held, AMR/averaging time, bytes per site-round."""
+    from nnunet_feddah.results.export import load_state
+
+    state_dir = Path(state_dir)
+    record = checkpoint.read_record(state_dir)
+    if record is None:
+        raise EvaluationError(f"{state_dir} has no {checkpoint.RECORD}")
+    strategy, _ = load_state(state_dir, record["architecture_fingerprint"])
+    history = record["history"]
+    any_task = next(iter(_trained_tasks(history)), None)
+    model_bytes = sum(t.numel() * t.element_size() for t in strategy.task_weights(any_task).values()) if any_task else 0
+    site_rounds = sum(1 for h in history for line in h["sites"].values() if line["status"] == "accepted")
+    return {
+        "server_bytes": int(strategy.bytes_held()),
+        "server_update_s": float(sum(h.get("update_s", 0.0) for h in history)),
+        "wall_s": float(sum(h.get("seconds", 0.0) + h.get("checkpoint_s", 0.0) for h in history)),
+        "bytes_per_site_round": int(2 * model_bytes),  # the task's weights down + the trained weights up
+        "site_rounds": site_rounds,
+        "rounds": len(history),
+    }
+
+
+def _trained_tasks(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [line["task"] for h in history for line in h["sites"].values() if line["status"] == "accepted"]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_evaluation(out_dir: os.PathLike | str, evaluation: Mapping[str, Any]) -> Path:
+    path = Path(out_dir) / EVALUATION_FILE
+    atomic_write_json(path, _jsonable(evaluation))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nnunet_feddah.results.report import format_metric, write_report
+
+    parser = argparse.ArgumentParser(prog="nnfeddah evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", required=True, help="federation plan JSON the state was run with")
+    parser.add_argument("--state", required=True, help="coordinator state folder")
+    parser.add_argument("--out", required=True, help="output folder: evaluation.json, report.json, report.md, PNGs")
+    parser.add_argument("-device", "--device", default="cpu", help="cpu (default), cuda or mps")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.plan)
+        evaluation = evaluate_state(plan, args.state, args.device)
+        stats = run_stats(args.state)
+        out = Path(args.out)
+        write_evaluation(out, evaluation)
+        report = write_report(out, {evaluation["strategy"]: (evaluation, stats)}, plan.name, plan.seed)
+        metrics = ", ".join(f"{label} {format_metric(evaluation[key])}" for key, label in (
+            ("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"), ("bwt", "BWT")))
+        print(f"[evaluate] {evaluation['strategy']}: {metrics} ({evaluation['seconds']:.1f} s); wrote {report}")
+        return 0
+    except (EvaluationError, InferenceError, checkpoint.CheckpointError, ValueError, OSError) as exc:
+        print(f"nnfeddah evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

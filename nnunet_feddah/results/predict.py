@@ -1,0 +1,139 @@
+"""``nnfeddah predict``: all learned organs at once — every exported task model on each image, merged.
+
+Reads a results folder written by ``nnfeddah export`` (``plans.json``, ``dataset.json``,
+``feddah_export.json``, ``fold_0/<task>.pth``), preprocesses each input image once with nnU-Net, runs
+every task's checkpoint through nnU-Net's predictor and merges the per-task probabilities by the rule
+of :mod:`nnunet_feddah.results.merge` (a task claims a voxel with its argmax; highest claim wins). The output
+is one label map per case in AMOS ids, written by the plans' image writer like ``nnUNetv2_predict``.
+``feddah_merge.json`` next to it records per case which task won how many voxels and the contested count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.results.export import (
+    CONFIGURATION,
+    MANIFEST,
+    ExportError,
+    model_folder_name,
+    read_json,
+    resolve_dataset,
+)
+from nnunet_feddah.results.inference import InferenceError, SharedPlans, TaskModel
+from nnunet_feddah.results.merge import merge_task_probabilities
+
+MERGE_LOG = "feddah_merge.json"
+
+
+def load_task_models(model_folder: Path, tasks: Sequence[str] | None, device: torch.device,
+                     use_mirroring: bool = False) -> tuple[SharedPlans, list[TaskModel]]:
+    fix = "; pass the folder `nnfeddah export` wrote"
+    manifest = read_json(model_folder / MANIFEST, f"FedDAH export manifest{fix}", InferenceError)
+    shared = SharedPlans(read_json(model_folder / "plans.json", f"plans{fix}", InferenceError),
+                         read_json(model_folder / "dataset.json", f"dataset.json{fix}", InferenceError),
+                         manifest.get("configuration", CONFIGURATION))
+    available = manifest.get("tasks", {})
+    chosen = list(tasks) if tasks else list(available)
+    unknown = [t for t in chosen if t not in available]
+    if unknown or not chosen:
+        raise InferenceError(f"{model_folder / MANIFEST}: field 'tasks' has {sorted(available) or 'nothing'}; asked "
+                             f"for {unknown or chosen}. Fix: choose among those or export the task first")
+    models = [TaskModel.from_checkpoint(shared, model_folder / available[t]["checkpoint"], t, available[t]["organs"],
+                                        device, use_mirroring) for t in chosen]
+    return shared, models
+
+
+def predict_folder(model_folder: os.PathLike | str, input_folder: os.PathLike | str, output_folder: os.PathLike | str,
+                   tasks: Sequence[str] | None = None, device: str = "cpu", use_mirroring: bool = False,
+                   save_task_maps: bool = False, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Predict every case of ``input_folder`` with all (or the chosen) tasks and write merged label maps."""
+    model_folder, output_folder = Path(model_folder), Path(output_folder)
+    shared, models = load_task_models(model_folder, tasks, torch.device(device), use_mirroring)
+    cases = shared.input_cases(input_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    writer = shared.reader()
+    summary: dict[str, dict] = {}
+    for case, files in cases.items():
+        start = time.perf_counter()
+        image = shared.prepare(case, files)
+        probabilities = {}
+        for model in models:
+            labels, probs = model.predict(image, probabilities=True)
+            probabilities[model.name] = probs
+            if save_task_maps:
+                _write_seg(writer, labels, output_folder / "tasks" / model.name / f"{case}{shared.file_ending}",
+                           image.properties)
+        merged = merge_task_probabilities(probabilities, {m.name: m.organs for m in models})
+        _write_seg(writer, merged.labels, output_folder / f"{case}{shared.file_ending}", image.properties)
+        summary[case] = {"won": merged.won, "claims": merged.claims, "contested": merged.contested,
+                         "labels": sorted(int(v) for v in np.unique(merged.labels)),
+                         "seconds": round(time.perf_counter() - start, 2)}
+        log(f"[predict] {case}: {len(models)} task(s), labels {summary[case]['labels']}, contested voxels "
+            f"{merged.contested} ({summary[case]['seconds']:.1f} s)")
+    atomic_write_json(output_folder / MERGE_LOG, {
+        "rule": "each task claims its argmax organ; unclaimed = background; highest claim probability wins",
+        "model_folder": str(model_folder.resolve()), "tasks": [m.name for m in models], "cases": summary})
+    return summary
+
+
+def _write_seg(writer, labels: np.ndarray, path: Path, properties: dict) -> None:
+    """Write through a temporary name with the same ending (the writer picks the format from it), then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".partial-{path.name}")
+    try:
+        writer.write_seg(labels.astype(np.uint8), str(tmp), properties)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_model_folder(args: argparse.Namespace) -> Path:
+    if args.model_folder:
+        return Path(args.model_folder)
+    if not (args.dataset and args.plans):
+        raise InferenceError("give -m MODEL_FOLDER, or -d DATASET and -p PLANS to find it in $nnUNet_results")
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise InferenceError("environment variable nnUNet_results is not set (needed with -d/-p). Fix: eval "
+                             "\"$(nnfeddah env --root <work folder>)\" or pass -m")
+    try:
+        name = resolve_dataset(args.dataset, Path(results))
+    except ExportError as exc:
+        raise InferenceError(str(exc)) from exc
+    return Path(results) / name / model_folder_name(args.plans, args.configuration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nnfeddah predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-i", required=True, dest="input", help="input folder (nnU-Net naming: CASE_0000.nii.gz)")
+    parser.add_argument("-o", required=True, dest="output", help="output folder for the merged label maps")
+    parser.add_argument("-m", "--model-folder", help="exported results folder (…/FedDAHTrainer__<plans>__3d_fullres)")
+    parser.add_argument("-d", "--dataset", help="dataset id/name whose exported folder in $nnUNet_results to use")
+    parser.add_argument("-p", "--plans", help="plans identifier (with -d)")
+    parser.add_argument("-c", "--configuration", default=CONFIGURATION)
+    parser.add_argument("-t", "--tasks", nargs="+", help="task keys to run (default: every exported task)")
+    parser.add_argument("-device", "--device", default="cpu", help="cpu (default), cuda or mps")
+    parser.add_argument("--mirroring", action="store_true", help="test-time mirroring (8× slower in 3D)")
+    parser.add_argument("--task-maps", action="store_true", help="also write each task's own label map under tasks/")
+    args = parser.parse_args(argv)
+    try:
+        predict_folder(resolve_model_folder(args), args.input, args.output, args.tasks, args.device,
+                       args.mirroring, args.task_maps)
+        return 0
+    except (InferenceError, ValueError, OSError) as exc:
+        print(f"nnfeddah predict: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
