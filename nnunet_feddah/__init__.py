@@ -1,7 +1,7 @@
 """nnunet-feddah: federated continual learning for nnU-Net v2 with a Dynamic Allocation Hypernetwork.
 
-The package is six rooms, each a subpackage with one concern; imports run one way (an arrow means
-"may import"):
+The package is six rooms, each a subpackage with one concern, listed from the top of the import graph
+to its bottom: a room imports only rooms below it (which ones, is said underneath).
 
     entry points (cli, coordinate, site)
         -> results/     export, inference, merged prediction, evaluation, FCL metrics, reports, benchmark
@@ -12,9 +12,11 @@ The package is six rooms, each a subpackage with one concern; imports run one wa
         -> method/      DAHyper, AMR and the server strategies in plain torch (no nnU-Net, Flower, plan format)
         -> base modules at this level: organs, atomic, tensor_checks, tensor_file, paths, errors
 
-``method`` and ``nnunet`` do not import each other; ``federation`` uses ``method`` everywhere and ``nnunet``
-only for the site side (site round, site-data check); ``results`` may use every room below it except
-``flower``. The base modules import only the standard library, torch/safetensors and each other.
+``method`` imports no other room; ``nnunet`` uses ``method`` only in the trainer (start weights generated
+from a DAHyper checkpoint); ``federation`` uses ``method`` everywhere and ``nnunet`` only for the site side
+(site round, site-data check, the start network); ``flower`` uses ``federation`` only; ``results`` may use
+every room below it except ``flower``. The base modules import only the standard library,
+torch/safetensors and each other. tests/test_layout.py keeps all of this true.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
     current = os.umask(0)
     os.umask(current)
     return current
@@ -30,7 +30,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the result gets the permissions open() would give
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; the result gets the permissions open() would give
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -48,16 +48,3 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
 def atomic_write_json(path: os.PathLike | str, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
-
-def replace_folder(finished: Path, target: Path) -> None:
-    """Move a completely written folder to ``target``; an existing ``target`` is swapped out, then deleted.
-
-    Readers see the old folder or the new one, never a half-written mix (a dataset folder being regenerated).
-    """
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(finished, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(finished, target)

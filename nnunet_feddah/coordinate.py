@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError, load_plan, validate_sites
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+from nnunet_feddah.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError
+from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.federation.site_data import validate_sites
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,18 +59,11 @@ def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
 
 
 def run_in_process(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
-    import json
-
-    from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
     from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
     from nnunet_feddah.federation.site_round import InProcessExecutor
-    from nnunet_feddah.nnunet.network import hypernet_base, is_head
+    from nnunet_feddah.federation.start import open_coordinator
 
-    site = next(iter(validate_sites(plan, check_cases=False).values()))
-    log = file_logger(state / COORDINATOR_LOG)
-    coordinator = Coordinator.open(plan, state, hypernet_base(json.loads(site.plans_file.read_text())), is_head,
-                                   site.fingerprint, log=log,
-                                   max_relative_change=max_change or DEFAULT_MAX_RELATIVE_CHANGE)
+    coordinator = open_coordinator(plan, state, log=file_logger(state / COORDINATOR_LOG), max_relative_change=max_change)
     coordinator.run(InProcessExecutor(plan, work, device))
     return coordinator.finished
 
@@ -94,8 +88,8 @@ def run_deployment(plan: FederationPlan, args: argparse.Namespace) -> bool:
 def _committed(state: Path) -> int:
     from nnunet_feddah.federation import checkpoint
 
-    record = checkpoint.read_record(Path(state))
-    return 0 if record is None else int(record["round"])
+    committed = checkpoint.read_committed(state)
+    return 0 if committed is None else committed.round
 
 
 def where(plan: FederationPlan, state: Path, work: Path | None, mode: str) -> str:
@@ -104,11 +98,11 @@ def where(plan: FederationPlan, state: Path, work: Path | None, mode: str) -> st
     from nnunet_feddah.federation.logfile import COORDINATOR_LOG
     from nnunet_feddah.flower import TIMINGS_FILE
 
-    record = checkpoint.read_record(state)
-    lines = [f"state:       {state / checkpoint.RECORD} (round {record['round'] if record else 0}/"
+    committed = checkpoint.read_committed(state)
+    lines = [f"state:       {state / checkpoint.RECORD} (round {committed.round if committed else 0}/"
              f"{plan.total_rounds})"]
-    if record:
-        lines.append(f"strategy:    {state / record['strategy_file']}")
+    if committed:
+        lines.append(f"strategy:    {committed.strategy_file}")
     lines.append(f"log:         {state / COORDINATOR_LOG}")
     if mode != "in-process":
         lines.append(f"timings:     {state / TIMINGS_FILE}")

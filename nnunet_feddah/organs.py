@@ -10,9 +10,11 @@ typo — map cleanly.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
+
+from nnunet_feddah.errors import FedDAHError
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _normalise(name: str) -> str:
 _BY_SPELLING: dict[str, Organ] = {_normalise(s): o for o in ORGANS for s in o.spellings()}
 
 
-class UnknownOrganError(ValueError):
+class UnknownOrganError(FedDAHError, ValueError):
     """Raised for an organ or task name that is not in the AMOS catalogue."""
 
 
@@ -200,6 +202,3 @@ def annotated_organs(dataset_json: Mapping) -> tuple[Organ, ...]:
         raise ValueError(f"dataset.json field 'feddah.annotated_organs' lists {missing} which 'labels' does not declare")
     return tuple(sorted(chosen, key=lambda o: o.label))
 
-
-def parse_organs(names: Iterable[Union[str, int]]) -> tuple[Organ, ...]:
-    return tuple(organ(n) for n in names)

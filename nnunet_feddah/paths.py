@@ -1,7 +1,7 @@
 """Where things live: the nnU-Net environment variables, the external-trainer folder, bundled plans.
 
-nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` at import time, so tools that
-set them must do so before importing nnunetv2; :func:`nnunet_env` is the one place that knows the
+nnU-Net 2.8.1 reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` lazily (on every use), so
+they may be set or changed after importing nnunetv2; :func:`nnunet_env` is the one place that knows the
 layout of a FedDAH work folder.
 """
 
@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 NNUNET_DIR_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+CONFIGURATION = "3d_fullres"  # the one nnU-Net configuration every site trains, exports and predicts with
 
 
 def ext_trainer_dir() -> Path:

@@ -23,7 +23,8 @@ QUICK_ITERATIONS = 34  # per epoch; the plan's 6 epochs give 204 iterations per 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnunet_feddah.federation.plan import STRATEGIES, load_plan
+    from nnunet_feddah.federation.plan_reader import load_plan
+    from nnunet_feddah.method.registry import STRATEGIES
     from nnunet_feddah.paths import nnunet_env
     from nnunet_feddah.results.benchmark import QUICK_STRATEGIES, check_targets, prepare_phantom_sites, run_benchmark
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from nnunet_feddah.data import amos
-from nnunet_feddah.federation.plan import load_plan, validate_sites
+from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.organs import annotated_organs
 from nnunet_feddah.paths import bundled_plans_dir
 

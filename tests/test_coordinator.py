@@ -10,7 +10,7 @@ import torch
 
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import Coordinator, SiteJob, SiteResult
-from nnunet_feddah.federation.plan import parse_plan
+from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir
 
@@ -68,15 +68,15 @@ def test_rounds_follow_asynchronous_streams_and_commit(tmp_path, base):
     assert {s: v["task"] for s, v in history[0]["sites"].items()} == {"a": "kidneys", "b": "liver"}
     assert {s: v["task"] for s, v in history[1]["sites"].items()} == {"a": "spleen", "b": "kidneys"}
     assert all(v["status"] == "accepted" for h in history for v in h["sites"].values())
-    record = checkpoint.read_record(tmp_path / "state")
+    record = checkpoint.read_committed(tmp_path / "state").record
     assert record["round"] == 2 and record["site_steps"] == {"a": 1, "b": 1}
     assert sorted(coordinator.strategy.hyper.tasks) == ["kidneys", "liver", "spleen"]
     assert len(list((tmp_path / "state").glob("strategy-r*.safetensors"))) == 1
     # every round closes a time step here (one round per step): each keeps its snapshot for the evaluation
     assert sorted(p.name for p in (tmp_path / "state" / "steps").iterdir()) == [
         "strategy-r0001.safetensors", "strategy-r0002.safetensors"]
-    assert checkpoint.snapshot_path(tmp_path / "state", 2).read_bytes() == checkpoint.strategy_path(
-        tmp_path / "state").read_bytes()
+    assert checkpoint.snapshot_path(tmp_path / "state", 2).read_bytes() == checkpoint.read_committed(
+        tmp_path / "state").strategy_file.read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["wrong_task", "missing_tensor", "extra_tensor", "wrong_shape", "nan", "inf",
@@ -175,7 +175,7 @@ def test_real_sites_in_process(phantom_federation, tmp_path, base):
 
 
 def test_ablation_names_force_their_switch(base):
-    from nnunet_feddah.method.strategies import make_strategy
+    from nnunet_feddah.method.registry import make_strategy
 
     assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).amr.config.beta == 0.0
     assert make_strategy("feddah-noWs", {}, base, is_head).amr.config.similarity == "fixed"

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from nnunet_feddah.federation.coordinator import Coordinator, SiteResult
-from nnunet_feddah.federation.plan import parse_plan
+from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors, unique_tensors
 from nnunet_feddah.organs import Task
 from nnunet_feddah.paths import bundled_plans_dir, ext_trainer_dir
-from nnunet_feddah.results import export
+from nnunet_feddah.results import amos_channels, export, nnunet_folder
 
 STREAM = ["kidneys", "liver"]
 
@@ -59,14 +59,6 @@ def exported(phantom_federation, tmp_path_factory) -> dict:
             "results": tmp / "results", "fed": fed, "seconds": time.perf_counter() - start}
 
 
-def test_task_labels_to_amos():
-    seg = np.array([[0, 1], [2, 0]], dtype=np.uint8)
-    assert export.task_labels_to_amos(seg, "kidneys").tolist() == [[0, 2], [3, 0]]
-    assert export.task_labels_to_amos(seg, Task.parse("liver+spleen")).tolist() == [[0, 6], [1, 0]]
-    with pytest.raises(ValueError, match="outputs 0..1"):
-        export.task_labels_to_amos(seg, "liver")
-
-
 def test_padded_heads_predict_the_task_network_in_amos_ids():
     """16-output network with suppressed rows == the task network, its labels mapped to AMOS ids."""
     plans = json.loads((bundled_plans_dir() / "template_cpu.json").read_text())
@@ -79,18 +71,18 @@ def test_padded_heads_predict_the_task_network_in_amos_ids():
             if is_head(k):
                 weights[k] *= 20
         load_unique_tensors(small, weights)
-        padded = export.pad_heads_to_amos(weights, list(task.labels), is_head)
-        amos = build_network(plans, export.NUM_SLOTS, deep_supervision=False)
-        amos.load_state_dict(export.nnunet_state_dict(plans, padded, 1))
+        padded = amos_channels.pad_heads_to_amos(weights, list(task.labels), is_head)
+        amos = build_network(plans, amos_channels.NUM_SLOTS, deep_supervision=False)
+        amos.load_state_dict(nnunet_folder.nnunet_state_dict(plans, padded, 1))
         x = torch.randn(1, 1, 48, 64, 64)
-        want = export.task_labels_to_amos(small(x).argmax(1).numpy(), task)
+        want = np.asarray([0, *task.labels])[small(x).argmax(1).numpy()]  # task outputs -> AMOS ids
         logits = amos(x)
         got = logits.argmax(1).numpy()
     assert set(np.unique(want)) > {0}, "test input too easy: the task network predicts only background"
     np.testing.assert_array_equal(got, want)
-    others = [s for s in range(export.NUM_SLOTS) if s not in (0, *task.labels)]
+    others = [s for s in range(amos_channels.NUM_SLOTS) if s not in (0, *task.labels)]
     gap = logits[:, [0]] - logits[:, others]
-    assert torch.allclose(gap, torch.full_like(gap, export.SUPPRESSION_MARGIN), atol=1e-3)
+    assert torch.allclose(gap, torch.full_like(gap, amos_channels.SUPPRESSION_MARGIN), atol=1e-3)
 
 
 def test_export_writes_a_standard_results_folder(exported):
@@ -100,7 +92,7 @@ def test_export_writes_a_standard_results_folder(exported):
     dataset_json = json.loads((folder / "dataset.json").read_text())
     assert sorted(dataset_json["labels"].values()) == list(range(16))
     assert sorted(p.name for p in (folder / "fold_0").iterdir()) == ["kidneys.pth", "liver.pth"]
-    manifest = json.loads((folder / export.MANIFEST).read_text())
+    manifest = json.loads((folder / nnunet_folder.MANIFEST).read_text())
     assert manifest["tasks"]["kidneys"]["amos_labels"] == [0, 2, 3] and manifest["round"] == 2
 
     ckpt = torch.load(folder / "fold_0" / "kidneys.pth", map_location="cpu", weights_only=True)
@@ -139,7 +131,7 @@ def test_nnunetv2_predict_uses_an_exported_task(exported, tmp_path):
     env = {**os.environ, "nnUNet_raw": str(fed["root"] / "nnUNet_raw"),
            "nnUNet_preprocessed": str(fed["root"] / "nnUNet_preprocessed"),
            "nnUNet_results": str(exported["results"]), "nnUNet_extTrainer": str(ext_trainer_dir())}
-    command = export.predict_command(site, fed["plans"], "kidneys", str(images), str(tmp_path / "pred"))
+    command = nnunet_folder.predict_command(site, fed["plans"], "kidneys", str(images), str(tmp_path / "pred"))
     command[0] = str(Path(sys.executable).parent / command[0])
     proc = subprocess.run([*command, "-npp", "0", "-nps", "0", "--disable_progress_bar"], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_feddah.federation.plan import FederationPlanError, load_plan, parse_plan, validate_sites
+from nnunet_feddah.federation.plan import FederationPlanError
+from nnunet_feddah.federation.plan_reader import load_plan, parse_plan
+from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.nnunet.round_config import RoundConfig
 from nnunet_feddah.organs import Task
 

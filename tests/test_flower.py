@@ -19,8 +19,9 @@ import torch
 
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
-from nnunet_feddah.flower import app_dir, messages, procs
+from nnunet_feddah.flower import app_dir, messages
 from nnunet_feddah.flower.executor import FlowerExecutor
+from nnunet_feddah.flower.launch import procs
 from nnunet_feddah.flower.launch.flwr_cli import config_arg, flower_env
 from nnunet_feddah.flower.launch.pki import make_site_key
 from nnunet_feddah.flower.launch.supernode import supernode_command
@@ -220,7 +221,7 @@ def test_coordinate_reports_a_bad_plan(tmp_path, capsys):
 
 
 def test_site_cli_refuses_missing_key(tmp_path, capsys):
-    from nnunet_feddah.federation.site_round import main
+    from nnunet_feddah.site import main
 
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(_plan_dict(tmp_path, rounds_per_step=1)))
@@ -261,10 +262,10 @@ def _launch_info(state: Path) -> dict:
 
 def _committed(state: Path) -> int:
     try:
-        record = checkpoint.read_record(state)
+        record = checkpoint.read_committed(state)
     except (checkpoint.CheckpointError, json.JSONDecodeError, KeyError):
         return 0
-    return 0 if record is None else record["round"]
+    return 0 if record is None else record.round
 
 
 @pytest.mark.slow
@@ -305,7 +306,7 @@ def test_local_federation_survives_killed_site_and_killed_launcher(phantom_feder
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-4000:]
-    history = checkpoint.read_record(state)["history"]
+    history = checkpoint.read_committed(state).history
     assert [h["round"] for h in history] == [1, 2, 3, 4]
     first_round = history[0]["sites"]
     assert first_round["a"]["status"] == "accepted"

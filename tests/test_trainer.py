@@ -87,6 +87,20 @@ def test_in_process_round_learns_and_continues_the_lr_curve(phantom_federation, 
     assert tensors["decoder.seg_layers.0.bias"].shape == (2,)
 
 
+def test_in_process_round_takes_the_config_object_not_the_environment(phantom_federation, tmp_path, monkeypatch):
+    """train_round hands its RoundConfig to the trainer: a stale $FEDDAH_ROUND_CONFIG is never read."""
+    from nnunet_feddah.nnunet.trainer import train_round
+
+    fed, site = phantom_federation, phantom_federation["partial"]
+    monkeypatch.setenv("FEDDAH_ROUND_CONFIG", str(tmp_path / "stale-round-that-does-not-exist.json"))
+    config = RoundConfig.from_mapping({"task": "liver", "output_weights": str(tmp_path / "obj" / "w.safetensors"),
+                                       "output_metrics": str(tmp_path / "obj" / "m.json"), "epochs": 1,
+                                       "iterations_per_epoch": 1, "val_iterations_per_epoch": 1, "seed": 0})
+    metrics = train_round(site, fed["plans"], config)
+    assert metrics["task"] == "liver" and metrics["iterations"] == 1
+    assert (tmp_path / "obj" / "w.safetensors").is_file() and not (tmp_path / "round.json").exists()
+
+
 def test_label_remapping_is_exact_voxel_by_voxel(phantom_federation):
     """Site labels are AMOS ids; the network sees background + task organs in task order."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class

@@ -27,6 +27,10 @@ Split rule (deterministic; written into every site's dataset.json under ``feddah
 Then, per site, ``round(test_fraction * n)`` cases (at least 1, leaving at least 1 for training) drawn
 with ``default_rng([seed, site_number])`` become ``imagesTs``/``labelsTs``.
 
+Holds: nnU-Net's case selection, the sites, the split, the writing of site datasets and the CLI; what it
+shares with :mod:`.phantom` (organs per site, ``--annotate``, replacing our own folders) is in :mod:`.sites`.
+Over 400 lines as one module: each step feeds the next through the case and site types of this one conversion.
+
 CLI: ``nnfeddah amos AMOS22_DIR --plan amos_4site`` (see docs/AMOS.md).
 """
 
@@ -35,10 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,9 +51,19 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_feddah.atomic import replace_folder
-from nnunet_feddah.data.phantom import OrganSpec, PhantomError, organs_per_site, parse_annotate, resolve_organs
-from nnunet_feddah.federation.plan import FederationPlan, load_plan
+from nnunet_feddah.data.sites import (
+    OrganSpec,
+    check_target,
+    organs_per_site,
+    parse_annotate,
+    resolve_organs,
+    writing_folder,
+    written_by,
+)
+from nnunet_feddah.errors import FedDAHError, run_cli
+from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.nnunet import datasets
 from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ, organs_in_dataset_json
 
 GENERATOR = "nnunet_feddah.amos"  # written into dataset.json: kept across module moves so older folders are still recognised
@@ -65,7 +77,7 @@ METADATA_PATTERNS = ("labeled_data_meta*.csv", "*meta*.csv")
 SPLIT_RULES = ("auto", "metadata", "random")
 
 
-class AmosError(ValueError):
+class AmosError(FedDAHError, ValueError):
     """Input or output that cannot be converted; the message names the file or flag and the fix."""
 
 
@@ -178,18 +190,14 @@ def _with_lists(data: dict) -> dict:
 
 # --- sites ----------------------------------------------------------------------------------------------
 def site_folder(dataset_id: int, site_name: str) -> str:
-    return f"Dataset{dataset_id:03d}_AMOS{site_name}"
+    return datasets.folder_name(dataset_id, f"AMOS{site_name}")
 
 
 def default_sites(num_sites: int = DEFAULT_SITES, first_id: int = DEFAULT_FIRST_ID,
                   annotated: Mapping[int, OrganSpec] | None = None) -> list[SiteSpec]:
     """``num_sites`` sites ``Site1..`` on ids ``first_id..``; ``annotated`` maps a 1-based site to its organs."""
-    try:
-        organs_of = organs_per_site(num_sites, annotated)
-    except PhantomError as exc:
-        raise AmosError(str(exc)) from None
     return [SiteSpec(f"Site{i + 1}", first_id + i, site_folder(first_id + i, f"Site{i + 1}"), organs)
-            for i, organs in enumerate(organs_of)]
+            for i, organs in enumerate(organs_per_site(num_sites, annotated))]
 
 
 def sites_from_plan(plan: FederationPlan) -> list[SiteSpec]:
@@ -200,12 +208,10 @@ def sites_from_plan(plan: FederationPlan) -> list[SiteSpec]:
     """
     specs = []
     for i, s in enumerate(plan.sites):
-        if isinstance(s.dataset, int):
-            dataset_id, folder = s.dataset, site_folder(s.dataset, f"Site{i + 1}")
-        else:
-            dataset_id, folder = int(s.dataset[len("Dataset"):len("Dataset") + 3]), s.dataset
+        number = datasets.dataset_id(s.dataset)  # the plan reader accepts only ids and Dataset###_Name names
+        folder = site_folder(number, f"Site{i + 1}") if isinstance(s.dataset, int) else s.dataset
         organs = resolve_organs([o for task in s.stream for o in task.organs])
-        specs.append(SiteSpec(s.name, dataset_id, folder, organs))
+        specs.append(SiteSpec(s.name, number, folder, organs))
     return specs
 
 
@@ -340,11 +346,7 @@ def remap_label(src: Path, dst: Path, lut: np.ndarray) -> None:
 
 def is_amos_site(folder: Path) -> bool:
     """True for a site dataset this module wrote (so it may be replaced); anything else is someone's data."""
-    try:
-        meta = json.loads((folder / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta.get("feddah"), dict) and meta["feddah"].get("generator") == GENERATOR
+    return written_by(folder, GENERATOR)
 
 
 def _check_targets(raw_root: Path, sites: Sequence[SiteSpec]) -> None:
@@ -352,13 +354,8 @@ def _check_targets(raw_root: Path, sites: Sequence[SiteSpec]) -> None:
     if len(set(ids)) != len(ids) or any(not 1 <= i <= 999 for i in ids):
         raise AmosError(f"site dataset ids {ids} must be distinct and within 1..999")
     for s in sites:
-        target = raw_root / s.folder
-        if target.exists() and not is_amos_site(target):
-            raise AmosError(f"{target} exists and was not written by {GENERATOR}; move it away or choose other ids")
-        clash = sorted(p.name for p in raw_root.glob(f"Dataset{s.dataset_id:03d}_*") if p.name != s.folder)
-        if clash:
-            raise AmosError(f"{raw_root} already has dataset id {s.dataset_id:03d} ({', '.join(clash)}); nnU-Net finds "
-                            f"datasets by id, so choose other ids (--first-id or the plan's 'dataset')")
+        check_target(raw_root, s.dataset_id, s.folder, GENERATOR, error=AmosError, fix_foreign="choose other ids",
+                     fix_clash="choose other ids (--first-id or the plan's 'dataset')")
 
 
 def write_site(raw_root: Path, split: SiteSplit, source: AmosSource, provenance: Mapping[str, Any],
@@ -374,8 +371,7 @@ def write_site(raw_root: Path, split: SiteSplit, source: AmosSource, provenance:
     lut[kept] = kept
     identity = len(kept) == len(BY_LABEL)
     ending = source.dataset_json_kwargs["file_ending"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{site.folder}.", suffix=".tmp", dir=raw_root))
-    try:
+    with writing_folder(target) as tmp:
         for images, labels, cases in (("imagesTr", "labelsTr", split.train), ("imagesTs", "labelsTs", split.test)):
             (tmp / images).mkdir()
             (tmp / labels).mkdir()
@@ -396,10 +392,6 @@ def write_site(raw_root: Path, split: SiteSplit, source: AmosSource, provenance:
                     "num_test": len(split.test), "scanner_groups": list(split.groups),
                     "cases": {"train": list(split.train), "test": list(split.test)}})
         generate_dataset_json(str(tmp), **kwargs)
-        tmp.chmod(0o755)
-        replace_folder(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -448,14 +440,6 @@ def convert(amos_dir: os.PathLike | str, raw_root: os.PathLike | str, sites: Seq
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
-def _parse_annotate(specs: Sequence[str]) -> dict[int, tuple[Organ, ...]]:
-    """The phantom's ``--annotate SITE=ORGANS`` syntax, with the AMOS command's error type."""
-    try:
-        return parse_annotate(specs)
-    except PhantomError as exc:
-        raise AmosError(str(exc)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nnfeddah amos", description=__doc__.split("\n\n")[0])
     parser.add_argument("amos_dir", type=Path, help="extracted AMOS22 folder (dataset.json, imagesTr, labelsTr, ...)")
@@ -478,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-np", "--num-processes", type=int, default=2)
     parser.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         env_raw = os.environ.get("nnUNet_raw")
         out = args.out or (Path(env_raw) if env_raw else None)
         if out is None:
@@ -492,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             sites = sites_from_plan(load_plan(args.plan))
         else:
             sites = default_sites(args.sites or DEFAULT_SITES, args.first_id or DEFAULT_FIRST_ID,
-                                  _parse_annotate(args.annotate))
+                                  parse_annotate(args.annotate))
         start = time.perf_counter()
         convert(args.amos_dir, out, sites, args.seed, args.split, args.metadata, args.split_column,
                 args.test_fraction, args.hardlink)
@@ -504,10 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                                    num_processes=args.num_processes, verify=not args.no_verify)
             print(f"[amos] shared plans installed; architecture {next(iter(fingerprints.values()))} "
                   f"({time.perf_counter() - start:.1f} s)")
-    except (AmosError, ValueError, OSError) as exc:
-        print(f"nnfeddah amos: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("nnfeddah amos", run)
 
 
 if __name__ == "__main__":

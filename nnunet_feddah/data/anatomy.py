@@ -11,6 +11,8 @@ The model is deliberately cheap (well under a second per CPU-sized case): organs
 ellipsoids with low-order random radial perturbations, or tubes swept along smooth random
 centre-lines; a drawing order plus "only paint free voxels inside the abdominal cavity" keeps them
 from overlapping, the way a real organ takes the impression of its neighbours.
+
+Over 400 lines as one module: one ``_Builder`` draws a patient from one random stream in a fixed order.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ Determinism: patient ``i`` of a site is drawn from ``SeedSequence([seed, crc32(s
 the first ``num_train`` patients are the training cases, the next ``num_test`` the held-out ones.
 Images never depend on which organs a site annotates.
 
-CLI: ``python -m nnunet_feddah.data.phantom --out DIR --sites 4 --annotate 1=kidneys --annotate 2=liver``.
+Holds: the scanner profiles, the per-case image model and the writing of site datasets and cohorts;
+what it shares with :mod:`.amos` (organs per site, ``--annotate``, replacing our own folders) is in :mod:`.sites`.
+
+CLI: ``nnfeddah phantom --out DIR --sites 4 --annotate 1=kidneys --annotate 2=liver``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,9 @@ import argparse
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,9 +37,19 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_feddah.atomic import replace_folder
 from nnunet_feddah.data.anatomy import FOV_MM, fov_shape, smooth_field, synthesize
-from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ, Task, UnknownOrganError, organ
+from nnunet_feddah.data.sites import (
+    OrganSpec,
+    check_target,
+    organs_per_site,
+    parse_annotate,
+    resolve_organs,
+    writing_folder,
+    written_by,
+)
+from nnunet_feddah.errors import FedDAHError, run_cli
+from nnunet_feddah.nnunet.datasets import folder_name
+from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ
 
 GENERATOR = "nnunet_feddah.phantom"  # written into dataset.json: kept across module moves so older folders are still recognised
 #: Reference voxel spacing (z, y, x) per cohort size; sites scale it by 1.0-1.2 (z) and 1.0-1.15 (in-plane).
@@ -50,7 +60,7 @@ HU_RANGE = (-1024, 3071)
 _PARTIAL_VOLUME_VOX = 0.45  # Gaussian sigma (voxels) that mimics averaging the anatomy over a voxel
 
 
-class PhantomError(ValueError):
+class PhantomError(FedDAHError, ValueError):
     """Bad input or an unsafe output folder; the message names the parameter or flag and the fix."""
 
 
@@ -128,7 +138,7 @@ def case_rng(seed: int, site_name: str, index: int) -> np.random.Generator:
 
 
 def dataset_folder_name(dataset_id: int, site_name: str) -> str:
-    return f"Dataset{dataset_id:03d}_FedDAHPhantom{site_name}"
+    return folder_name(dataset_id, f"FedDAHPhantom{site_name}")
 
 
 def dataset_json(dataset_id: int, site_name: str, profile: ScannerProfile, annotated: Sequence[Organ],
@@ -154,12 +164,7 @@ def dataset_json(dataset_id: int, site_name: str, profile: ScannerProfile, annot
 
 def is_phantom_dataset(folder: Path) -> bool:
     """True for a folder this tool wrote (so it may be replaced); anything else is someone's real data."""
-    try:
-        meta = json.loads((folder / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return False
-    block = meta.get("feddah") if isinstance(meta, dict) else None
-    return isinstance(block, dict) and block.get("generator") == GENERATOR
+    return written_by(folder, GENERATOR)
 
 
 def _check_target(raw_root: Path, dataset_id: int, site_name: str) -> Path:
@@ -168,24 +173,9 @@ def _check_target(raw_root: Path, dataset_id: int, site_name: str) -> Path:
         raise PhantomError(f"dataset id {dataset_id} is outside 1..999 (nnU-Net's range); choose a smaller --first-id")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", site_name):
         raise PhantomError(f"site name {site_name!r} must be letters and digits, starting with a letter (e.g. 'Site1')")
-    target = raw_root / dataset_folder_name(dataset_id, site_name)
-    if target.exists() and not is_phantom_dataset(target):
-        raise PhantomError(f"{target} exists and was not written by {GENERATOR}; move it away or choose another "
-                           f"--first-id / --out")
-    clash = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != target.name)
-    if clash:
-        raise PhantomError(f"{raw_root} already has dataset id {dataset_id:03d} ({', '.join(clash)}); nnU-Net finds "
-                           f"datasets by id, so choose another --first-id or remove it")
-    return target
-
-
-def _temp_folder_beside(target: Path, suffix: str) -> Path:
-    """Hidden folder next to ``target`` (same file system, so renames are atomic) with umask permissions."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; the dataset should be as readable as any other
-    return tmp
+    return check_target(raw_root, dataset_id, dataset_folder_name(dataset_id, site_name), GENERATOR,
+                        error=PhantomError, fix_foreign="choose another --first-id / --out",
+                        fix_clash="choose another --first-id or remove it")
 
 
 def _write_nifti(array: np.ndarray, spacing_zyx: Sequence[float], path: Path) -> None:
@@ -193,19 +183,6 @@ def _write_nifti(array: np.ndarray, spacing_zyx: Sequence[float], path: Path) ->
     image.SetSpacing([float(s) for s in reversed(spacing_zyx)])  # SimpleITK is (x, y, z)
     image.SetOrigin((0.0, 0.0, 0.0))
     sitk.WriteImage(image, str(path), useCompression=True)
-
-
-OrganSpec = str | Task | Iterable[str | int | Organ]
-
-
-def resolve_organs(spec: OrganSpec) -> tuple[Organ, ...]:
-    """``"all"``, a task string such as ``"kidneys+liver"``, a :class:`Task` or organs -> sorted organs."""
-    if isinstance(spec, str):
-        spec = ORGANS if spec.strip().lower() == "all" else Task.parse(spec)
-    organs = tuple(organ(o) for o in (spec.organs if isinstance(spec, Task) else spec))
-    if not organs:
-        raise PhantomError("a site must annotate at least one organ (use 'all' for every AMOS organ)")
-    return tuple(sorted(set(organs), key=lambda o: o.label))
 
 
 def write_site_dataset(raw_root: Path, dataset_id: int, site_name: str, profile: ScannerProfile,
@@ -226,8 +203,7 @@ def write_site_dataset(raw_root: Path, dataset_id: int, site_name: str, profile:
     keep = np.zeros(max(BY_LABEL) + 1, np.uint8)
     keep[[o.label for o in organs]] = [o.label for o in organs]
     prefix = site_name.lower()
-    tmp = _temp_folder_beside(target, ".tmp")
-    try:
+    with writing_folder(target) as tmp:  # a previous phantom is swapped out, then deleted
         for index in range(num_train + num_test):
             images, labels = ("imagesTr", "labelsTr") if index < num_train else ("imagesTs", "labelsTs")
             case = f"{prefix}_{index:04d}"
@@ -238,21 +214,7 @@ def write_site_dataset(raw_root: Path, dataset_id: int, site_name: str, profile:
             _write_nifti(keep[label], profile.spacing_zyx, tmp / labels / f"{case}.nii.gz")
         meta = dataset_json(dataset_id, site_name, profile, organs, num_train, num_test, seed)
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        replace_folder(tmp, target)  # a previous phantom is swapped out, then deleted
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def organs_per_site(num_sites: int, annotated: Mapping[int, OrganSpec] | None) -> list[tuple[Organ, ...]]:
-    """The organs each of ``num_sites`` sites labels; ``annotated`` maps a 1-based site number (default: all)."""
-    if num_sites < 1:
-        raise PhantomError(f"--sites must be at least 1 (got {num_sites})")
-    annotated = dict(annotated or {})
-    unknown_sites = sorted(k for k in annotated if not 1 <= k <= num_sites)
-    if unknown_sites:
-        raise PhantomError(f"--annotate names site(s) {unknown_sites} but there are sites 1..{num_sites}")
-    return [resolve_organs(annotated.get(i + 1, ORGANS)) for i in range(num_sites)]
 
 
 def write_cohort(raw_root: Path, num_sites: int = 4, num_train: int = 6, num_test: int = 2, seed: int = 0,
@@ -281,23 +243,8 @@ def write_cohort(raw_root: Path, num_sites: int = 4, num_train: int = 6, num_tes
     return paths
 
 
-def parse_annotate(specs: Sequence[str]) -> dict[int, tuple[Organ, ...]]:
-    result: dict[int, tuple[Organ, ...]] = {}
-    for spec in specs:
-        site, sep, organs = spec.partition("=")
-        if not sep or not site.strip().isdigit() or not organs.strip():
-            raise PhantomError(f"--annotate {spec!r}: expected SITE=ORGANS, e.g. --annotate 1=kidneys+liver or 2=all")
-        if int(site) in result:
-            raise PhantomError(f"--annotate gives site {int(site)} twice; join the organs with '+' instead")
-        try:
-            result[int(site)] = resolve_organs(organs)
-        except (UnknownOrganError, PhantomError) as exc:
-            raise PhantomError(f"--annotate {spec!r}: {exc}; or 'all'") from None
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nnunet_feddah.data.phantom", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="nnfeddah phantom", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     parser.add_argument("--sites", type=int, default=4, help="number of hospital sites (default 4)")
     parser.add_argument("--train", type=int, default=6, help="training cases per site (default 6)")
@@ -309,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotate", action="append", default=[], metavar="SITE=ORGANS",
                         help="organs a site labels, e.g. 1=kidneys+liver or 2=all (repeatable; default: all)")
     args = parser.parse_args(argv)
-    try:
+
+    def write() -> None:
         out = args.out or (Path(os.environ["nnUNet_raw"]) if os.environ.get("nnUNet_raw") else None)
         if out is None:
             raise PhantomError("no output folder: pass --out DIR or set the nnUNet_raw environment variable")
@@ -320,11 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         write_cohort(out, args.sites, args.train, args.test, args.seed, parse_annotate(args.annotate),
                      args.first_id, args.size, log=print)
-    except PhantomError as exc:
-        print(f"phantom: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.sites} site dataset(s) to {out} in {time.perf_counter() - start:.1f} s (FOV {FOV_MM} mm)")
-    return 0
+        print(f"wrote {args.sites} site dataset(s) to {out} in {time.perf_counter() - start:.1f} s (FOV {FOV_MM} mm)")
+
+    return run_cli("phantom", write)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The coordinator's durable state: a strategy file per committed round and one commit record.
 
+This module is the one reader and writer of a state folder; the coordinator, export, evaluation and
+the CLIs all go through :func:`read_committed` / :func:`require_committed`.
+
 Commit protocol (why a crash never loses or repeats a round): the strategy of round r is written to a
 new file ``strategy-r{r:04d}.safetensors``; only then is ``checkpoint.json`` atomically replaced by a
 record naming that file. A crash before the replace leaves the previous record — and the previous
@@ -17,26 +20,21 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from nnunet_feddah.atomic import atomic_path, atomic_write_json
-from nnunet_feddah.method.amr import AMRConfig
-from nnunet_feddah.method.hypernet_file import FORMAT as HYPERNET_FORMAT
-from nnunet_feddah.method.hypernet_file import load_hypernet, save_hypernet
-from nnunet_feddah.method.strategies import FedDAHStrategy, Strategy, strategy_from_state
+from nnunet_feddah.errors import FedDAHError
+from nnunet_feddah.method import registry
+from nnunet_feddah.method.strategy import IsHead, Strategy, StrategyFileError
 
 RECORD = "checkpoint.json"
 STEPS_DIR = "steps"
 RECORD_FORMAT = "nnunet-feddah-coordinator/1"
-STRATEGY_FORMAT = "nnunet-feddah-strategy/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedDAHError, ValueError):
     """A state folder that cannot be resumed: corrupt, another plan or another architecture."""
 
 
@@ -44,40 +42,85 @@ def strategy_file_name(round_index: int) -> str:
     return f"strategy-r{round_index:04d}.safetensors"
 
 
-def save_strategy(path: Path, strategy: Strategy, fingerprint: str) -> None:
-    if isinstance(strategy, FedDAHStrategy):
-        save_hypernet(path, strategy.hyper, fingerprint, extra={"strategy": "feddah", "amr": asdict(strategy.amr.config)})
-        return
-    tensors, info = strategy.state()
-    payload = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    metadata = {"format": STRATEGY_FORMAT, "strategy": strategy.name, "architecture_fingerprint": fingerprint,
-                "info": json.dumps(info)}
-    with atomic_path(path) as tmp:
-        save_file(payload, str(tmp), metadata=metadata)
-
-
-def load_strategy(path: Path, fingerprint: str, is_head: Callable[[str], bool]) -> Strategy:
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        meta = dict(fh.metadata() or {})
-        if meta.get("format") == HYPERNET_FORMAT:
-            tensors = None
-        else:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    if meta.get("format") == HYPERNET_FORMAT:
-        hyper = load_hypernet(path, fingerprint)
-        extra = json.loads(meta["info"]).get("extra", {})
-        return FedDAHStrategy(hyper, AMRConfig(**extra.get("amr", {})))
-    if meta.get("format") != STRATEGY_FORMAT:
-        raise CheckpointError(f"{path}: field 'format' is {meta.get('format')!r}; not a strategy file")
-    if meta.get("architecture_fingerprint") != fingerprint:
-        raise CheckpointError(f"{path}: field 'architecture_fingerprint' is {meta.get('architecture_fingerprint')}, "
-                              f"the federation's plans give {fingerprint}")
-    return strategy_from_state(meta["strategy"], tensors, json.loads(meta["info"]), is_head)
-
-
 def snapshot_path(state_dir: os.PathLike | str, round_index: int) -> Path:
     """Where the strategy at the end of time-step round ``round_index`` is kept."""
     return Path(state_dir) / STEPS_DIR / strategy_file_name(round_index)
+
+
+def load_strategy(path: Path, fingerprint: str, is_head: IsHead) -> Strategy:
+    """The strategy in a committed strategy file or time-step snapshot, for the architecture ``fingerprint``."""
+    try:
+        return registry.load_strategy(path, fingerprint, is_head)
+    except StrategyFileError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The last committed round of a state folder: its record and the strategy file it names."""
+
+    state_dir: Path
+    record: Mapping[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / RECORD
+
+    @property
+    def round(self) -> int:
+        return int(self.record["round"])
+
+    @property
+    def strategy_file(self) -> Path:
+        return self.state_dir / self.record["strategy_file"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["architecture_fingerprint"]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.record["history"])
+
+    def require_fingerprint(self, fingerprint: str, fix: str) -> None:
+        """Refuse to use the state with another architecture (``fix``: what the caller should do instead)."""
+        if self.fingerprint != fingerprint:
+            raise CheckpointError(f"{self.path}: field 'architecture_fingerprint' is {self.fingerprint}, but {fix}")
+
+    def load_strategy(self, is_head: IsHead) -> Strategy:
+        return load_strategy(self.strategy_file, self.fingerprint, is_head)
+
+
+def read_committed(state_dir: os.PathLike | str) -> Committed | None:
+    """The committed state of ``state_dir``; None when no round has been committed there."""
+    state_dir = Path(state_dir)
+    path = state_dir / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a backup or start a new "
+                              f"state folder") from exc
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(f"{path}: field 'format' is {found!r}, expected {RECORD_FORMAT!r}")
+    missing = [k for k in ("round", "strategy_file", "architecture_fingerprint", "history") if k not in record]
+    if missing:
+        raise CheckpointError(f"{path}: field(s) {missing} missing; not a complete commit record. Restore it from a "
+                              f"backup or start a new state folder")
+    if not (state_dir / record["strategy_file"]).is_file():
+        raise CheckpointError(f"{path}: field 'strategy_file' names {record['strategy_file']}, which is missing")
+    return Committed(state_dir, record)
+
+
+def require_committed(state_dir: os.PathLike | str) -> Committed:
+    """Like :func:`read_committed`, but a folder without a commit is an error naming the fix."""
+    committed = read_committed(state_dir)
+    if committed is None:
+        raise CheckpointError(f"{Path(state_dir)} has no {RECORD}: not a coordinator state folder, or no round has "
+                              f"been committed yet. Fix: pass the --state folder of `nnfeddah coordinate`")
+    return committed
 
 
 def commit(state_dir: Path, round_index: int, strategy: Strategy, fingerprint: str, record: Mapping[str, Any],
@@ -89,7 +132,7 @@ def commit(state_dir: Path, round_index: int, strategy: Strategy, fingerprint: s
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     name = strategy_file_name(round_index)
-    save_strategy(state_dir / name, strategy, fingerprint)
+    strategy.save(state_dir / name, fingerprint)
     if snapshot:
         with atomic_path(snapshot_path(state_dir, round_index)) as tmp:
             shutil.copyfile(state_dir / name, tmp)
@@ -101,28 +144,3 @@ def commit(state_dir: Path, round_index: int, strategy: Strategy, fingerprint: s
         if stale.name != name:
             stale.unlink(missing_ok=True)
     return state_dir / name
-
-
-def read_record(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a backup or start a new "
-                              f"state folder") from exc
-    if record.get("format") != RECORD_FORMAT:
-        raise CheckpointError(f"{path}: field 'format' is {record.get('format')!r}, expected {RECORD_FORMAT!r}")
-    if not (state_dir / record["strategy_file"]).is_file():
-        raise CheckpointError(f"{path}: field 'strategy_file' names {record['strategy_file']}, which is missing")
-    return record
-
-
-def strategy_path(state_dir: os.PathLike | str) -> Path:
-    """The committed strategy file (for FedDAH: the DAHyper checkpoint) of a coordinator state folder."""
-    state_dir = Path(state_dir)
-    record = read_record(state_dir)
-    if record is None:
-        raise CheckpointError(f"{state_dir} has no {RECORD}; no round has been committed there")
-    return state_dir / record["strategy_file"]

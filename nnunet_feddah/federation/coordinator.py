@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.plan import FederationPlan
-from nnunet_feddah.method.strategies import Strategy, Tensors, Upload, make_strategy
+from nnunet_feddah.method.registry import make_strategy
+from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 DEFAULT_MAX_RELATIVE_CHANGE = 1.0
@@ -53,7 +55,7 @@ class SiteResult:
     seconds: float = 0.0
 
 
-class UploadRejected(ValueError):
+class UploadRejected(FedDAHError, ValueError):
     """An upload that must not touch the strategy; the message is the logged reason."""
 
 
@@ -139,23 +141,20 @@ class Coordinator:
              max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE) -> Coordinator:
         """A fresh coordinator, or the one committed in ``state_dir`` (resume)."""
         state_dir = Path(state_dir)
-        record = checkpoint.read_record(state_dir)
-        if record is None:
+        committed = checkpoint.read_committed(state_dir)
+        if committed is None:
             strategy = make_strategy(plan.strategy.name, plan.strategy.params, base, is_head)
             return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change)
-        if record.get("plan_hash") != plan_hash(plan):
+        if committed.record.get("plan_hash") != plan_hash(plan):
             raise checkpoint.CheckpointError(
-                f"{state_dir / checkpoint.RECORD}: field 'plan_hash' is {record.get('plan_hash')}, this plan "
+                f"{committed.path}: field 'plan_hash' is {committed.record.get('plan_hash')}, this plan "
                 f"({plan.source}) hashes to {plan_hash(plan)}; resume with the plan that started it or use a new "
                 f"--state folder")
-        if record["architecture_fingerprint"] != fingerprint:
-            raise checkpoint.CheckpointError(
-                f"{state_dir / checkpoint.RECORD}: field 'architecture_fingerprint' is "
-                f"{record['architecture_fingerprint']}, the sites' plans give {fingerprint}")
-        strategy = checkpoint.load_strategy(state_dir / record["strategy_file"], fingerprint, is_head)
-        log(f"resuming {plan.name} after committed round {record['round']} from {state_dir}")
-        return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, record["history"],
-                   record["round"])
+        committed.require_fingerprint(fingerprint, f"the sites' plans give {fingerprint}")
+        strategy = committed.load_strategy(is_head)
+        log(f"resuming {plan.name} after committed round {committed.round} from {state_dir}")
+        return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, committed.history,
+                   committed.round)
 
     @property
     def next_round(self) -> int:

@@ -1,9 +1,14 @@
 """One site's round, engine-agnostic: weights + round settings in → FedDAHTrainer in-process → weights + metrics out.
 
 Every round leaves its files in ``<work>/<site>/round_NNNN_<task>/`` (the weights received, the round
-config, the trained weights and the metrics) so a site can audit what it sent. nnU-Net reads its folder
-variables when it is imported, so one process serves one nnU-Net root; sites sharing a root (the
-demo, the tests) can share a process.
+config, the trained weights and the metrics) so a site can audit what it sent. The trainer gets the
+:class:`RoundConfig` object itself; ``round.json`` is the record of it (and what ``nnUNetv2_train`` would
+read through ``$FEDDAH_ROUND_CONFIG``).
+
+nnU-Net 2.8.1 reads ``nnUNet_raw``/``_preprocessed``/``_results`` lazily — ``nnunetv2.paths`` wraps each in
+an object that looks at ``os.environ`` on every use, and no nnunetv2 module joins them at import
+(tests/test_site_round.py checks both) — so one process can train sites with different nnU-Net roots:
+the in-process executor points the variables at each site's folders for the duration of its round.
 
 The Flower ClientApp calls :func:`run_site_round`; ``python -m nnunet_feddah.site`` starts a site's
 SuperNode. This module itself imports no Flower.
@@ -12,20 +17,22 @@ SuperNode. This module itself imports no Flower.
 from __future__ import annotations
 
 import json
-import os
 import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
 from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.nnunet.datasets import dataset_name, nnunet_folders
 from nnunet_feddah.nnunet.round_config import RoundConfig
 from nnunet_feddah.nnunet.weights import load_weights, save_weights
+from nnunet_feddah.paths import require_nnunet_env
 
 
-class SiteEnvironmentError(OSError):
-    """This process cannot train for the requested site (its nnU-Net folders differ from the process's)."""
+class SiteEnvironmentError(FedDAHError, OSError):
+    """This site cannot train: its shared plans are not installed."""
 
 
 def site_fingerprint(preprocessed_dataset: Path, plans_identifier: str) -> str:
@@ -38,16 +45,13 @@ def site_fingerprint(preprocessed_dataset: Path, plans_identifier: str) -> str:
 
 def run_site_round(job: SiteJob, dataset: int | str, plans_identifier: str, work_dir: Path,
                    device: str = "cpu") -> SiteResult:
-    """Train the job's weights for its task on this site's data; raises on any failure."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
+    """Train the job's weights for its task on this site's data (the nnUNet_* folders); raises on any failure."""
     from nnunet_feddah.nnunet.trainer import train_round
-    from nnunet_feddah.paths import require_nnunet_env
 
     started = time.perf_counter()
     folders = require_nnunet_env("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-    dataset_name = maybe_convert_to_dataset_name(dataset)
-    fingerprint = site_fingerprint(folders["nnUNet_preprocessed"] / dataset_name, plans_identifier)
+    name = dataset_name(dataset)
+    fingerprint = site_fingerprint(folders["nnUNet_preprocessed"] / name, plans_identifier)
     round_dir = Path(work_dir) / job.site / f"round_{job.round:04d}_{job.task}"
     round_dir.mkdir(parents=True, exist_ok=True)
     save_weights(round_dir / "received.safetensors", job.weights,
@@ -59,7 +63,7 @@ def run_site_round(job: SiteJob, dataset: int | str, plans_identifier: str, work
                                        "output_metrics": str(round_dir / "metrics.json")},
                                       source=str(round_dir / "round.json"))
     config.save(round_dir / "round.json")
-    metrics = train_round(dataset_name, plans_identifier, round_dir / "round.json", device=device)
+    metrics = train_round(name, plans_identifier, config, device=device)
     weights, _ = load_weights(round_dir / "trained.safetensors")
     return SiteResult(job.site, job.round, job.task, weights, metrics, time.perf_counter() - started)
 
@@ -67,7 +71,8 @@ def run_site_round(job: SiteJob, dataset: int | str, plans_identifier: str, work
 class InProcessExecutor:
     """Runs every job in this process, one after the other (2 CPU cores: parallel training would only thrash).
 
-    A failing site becomes an error string for the coordinator — a missed round, not a crashed federation.
+    Each site trains under its own nnU-Net folders (its ``nnunet_root``, else the environment's). A failing
+    site becomes an error string for the coordinator — a missed round, not a crashed federation.
     """
 
     def __init__(self, plan: FederationPlan, work_dir: Path, device: str = "cpu") -> None:
@@ -78,23 +83,10 @@ class InProcessExecutor:
         for site, job in jobs.items():
             site_plan = self.plan.site(site)
             try:
-                _check_site_environment(self.plan.nnunet_folders(site))
-                results[site] = run_site_round(job, site_plan.dataset, self.plan.plans_identifier, self.work_dir,
-                                               self.device)
+                with nnunet_folders(self.plan.nnunet_folders(site)):
+                    results[site] = run_site_round(job, site_plan.dataset, self.plan.plans_identifier,
+                                                   self.work_dir, self.device)
             except Exception as exc:  # a site's failure is reported, never raised into the round loop
                 results[site] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return results
-
-
-def _check_site_environment(folders: Mapping[str, Path]) -> None:
-    """The site's nnU-Net folders must be the ones this process's nnU-Net was (or will be) imported with."""
-    for name, path in folders.items():
-        current = os.environ.get(name)
-        if current is None:
-            os.environ[name] = str(path)
-        elif Path(current).resolve() != Path(path).resolve():
-            raise SiteEnvironmentError(
-                f"{name} is {current} in this process but the site uses {path}; run one site process per "
-                f"nnU-Net root (python -m nnunet_feddah.site)")
-

@@ -23,6 +23,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.flower import messages
 
 _PROCESS_START = messages.process_start_time()
@@ -32,7 +33,7 @@ DEFAULT_WORK_DIR = "feddah_site_work"
 app = ClientApp()
 
 
-class SiteMismatchError(ValueError):
+class SiteMismatchError(FedDAHError, ValueError):
     """A job addressed to another site than this SuperNode serves."""
 
 
@@ -76,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         job, defaults = messages.job_from_content(msg.content)
         if job.site != site:
             raise SiteMismatchError(f"this SuperNode serves site {site!r}, the job is for {job.site!r}")
-        from nnunet_feddah.federation.plan import load_plan
+        from nnunet_feddah.federation.plan_reader import load_plan
 
         plan = load_plan(_setting(context.node_config, defaults, "plan", ""))
         prepare_nnunet_env(plan.nnunet_folders(site))

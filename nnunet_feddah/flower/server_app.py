@@ -9,10 +9,9 @@ coordinator (e.g. an orphan of a killed launcher) off the same state folder.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+from nnunet_feddah.errors import FedDAHError
+from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
-from nnunet_feddah.federation.plan import FederationPlan, load_plan, validate_sites
+from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.federation.start import open_coordinator
 from nnunet_feddah.flower import TIMINGS_FILE
 from nnunet_feddah.flower.executor import FlowerExecutor
 
@@ -31,7 +32,7 @@ LOCK_FILE = "coordinator.lock"
 app = ServerApp()
 
 
-class StateBusyError(RuntimeError):
+class StateBusyError(FedDAHError, RuntimeError):
     """Another coordinator process holds the state folder."""
 
 
@@ -53,18 +54,6 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         yield
 
 
-def shared_plans(plan: FederationPlan, plans_file: str) -> tuple[dict[str, Any], str]:
-    """The shared nnU-Net plans and their architecture fingerprint, from a site's data or an explicit file."""
-    from nnunet_feddah.nnunet.network import architecture_fingerprint
-
-    if plans_file:
-        plans = json.loads(Path(plans_file).read_text())
-        fingerprint = (plans.get("feddah") or {}).get("architecture_fingerprint") or architecture_fingerprint(plans)
-        return plans, fingerprint
-    site = next(iter(validate_sites(plan, check_cases=False).values()))
-    return json.loads(site.plans_file.read_text()), site.fingerprint
-
-
 def run_config(context: Context) -> dict[str, Any]:
     """The run config with defaults, and the errors a missing key would otherwise cause much later."""
     config = dict(context.run_config)
@@ -75,16 +64,6 @@ def run_config(context: Context) -> dict[str, Any]:
     return config
 
 
-def open_coordinator(config: Mapping[str, Any], log: Callable[[str], None]) -> Coordinator:
-    from nnunet_feddah.nnunet.network import hypernet_base, is_head
-
-    plan = load_plan(str(config["plan"]))
-    plans, fingerprint = shared_plans(plan, str(config.get("plans-file", "")))
-    return Coordinator.open(plan, Path(str(config["state-dir"])), hypernet_base(plans), is_head, fingerprint,
-                            log=log, max_relative_change=float(config.get("max-relative-change",
-                                                                          DEFAULT_MAX_RELATIVE_CHANGE)))
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = run_config(context)
@@ -93,7 +72,9 @@ def main(grid: Grid, context: Context) -> None:
     log(f"ServerApp started: run {getattr(context, 'run_id', '?')}, pid {os.getpid()}, state {state_dir}")
     try:
         with state_lock(state_dir):
-            coordinator = open_coordinator(config, log)
+            coordinator = open_coordinator(load_plan(str(config["plan"])), Path(str(config["state-dir"])),
+                                           str(config.get("plans-file", "")) or None, log,
+                                           float(config.get("max-relative-change", DEFAULT_MAX_RELATIVE_CHANGE)))
             if coordinator.finished:
                 log(f"nothing to do: all {coordinator.plan.total_rounds} rounds are committed in {state_dir}")
                 return

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 BACKGROUND = 0
@@ -92,7 +93,7 @@ class Unit:
         return math.prod(self.shape[1:])
 
 
-class TargetMismatchError(ValueError):
+class TargetMismatchError(FedDAHError, ValueError):
     """Target weights whose names, shapes or values cannot be fitted; raised before anything changes."""
 
 
@@ -244,11 +245,6 @@ class DAHyper:
             raise TargetMismatchError(f"{source} for task {key!r} cannot be fitted: {'; '.join(problems)}")
 
     # ------------------------------------------------------------------ sizes
-    def num_parameters(self) -> int:
-        """Stored numbers: generators, encoder, organ embeddings, base, task embeddings."""
-        return (sum(v.numel() for v in self.params.values()) + sum(v.numel() for v in self.base.values())
-                + sum(v.numel() for v in self.embeddings.values()))
-
     def nbytes(self) -> int:
         tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values()]
         return sum(v.numel() * v.element_size() for v in tensors)

@@ -6,6 +6,7 @@ to do), :mod:`.task_data` (task labels and data), :mod:`.validation` (per-organ 
 (one architecture for every site + preprocessing), :mod:`.trainer` (``FedDAHTrainer``) and
 :mod:`.augment` (nnU-Net's training augmentation on the training device).
 
-May import: nnunetv2 and its dependencies, torch, and the base modules of ``nnunet_feddah``. Never
-``method``, ``federation``, ``flower``, ``data`` or ``results``.
+May import: nnunetv2 and its dependencies, torch, the base modules of ``nnunet_feddah`` and ``method``
+(only the trainer, to generate a round's start weights from a DAHyper checkpoint). Never ``federation``,
+``flower``, ``data`` or ``results``.
 """

@@ -20,13 +20,14 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_feddah.errors import FedDAHError
+from nnunet_feddah.paths import CONFIGURATION
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 HEAD_PREFIX = "decoder.seg_layers."
-CONFIGURATION = "3d_fullres"
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(FedDAHError, ValueError):
     """Weights whose names or shapes do not fit the network they are meant for."""
 
 

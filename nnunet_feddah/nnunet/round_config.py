@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.organs import Task, UnknownOrganError
 
 ENV_VAR = "FEDDAH_ROUND_CONFIG"
@@ -23,7 +24,7 @@ DEVICE_AUGMENTATION_ENV = "FEDDAH_DEVICE_AUGMENTATION"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
-class RoundConfigError(ValueError):
+class RoundConfigError(FedDAHError, ValueError):
     """A round configuration that cannot be run; the message names the file and the field."""
 
 

@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_feddah.atomic import atomic_write_json
-from nnunet_feddah.paths import bundled_plans_dir, require_nnunet_env
+from nnunet_feddah.errors import FedDAHError, run_cli
+from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_id, dataset_name
+from nnunet_feddah.paths import CONFIGURATION, bundled_plans_dir, require_nnunet_env
 
 TEMPLATES = {"cpu": "template_cpu.json", "amos": "template_amos.json"}
-CONFIGURATION = "3d_fullres"
 
 
-class SharedPlansError(ValueError):
+class SharedPlansError(FedDAHError, ValueError):
     """Plans that cannot be installed; the message names the file/field and the fix."""
 
 
@@ -53,23 +54,16 @@ def load_template(name_or_path: str) -> dict:
     return template
 
 
-def dataset_name(dataset: str | int) -> str:
+def raw_dataset_name(dataset: str | int) -> str:
     """``501`` or ``Dataset501_X`` -> the dataset folder name, with a clear error if it is not in nnUNet_raw."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     raw = require_nnunet_env("nnUNet_raw")["nnUNet_raw"]
     try:
-        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else str(dataset))
-    except (RuntimeError, ValueError) as exc:
-        raise SharedPlansError(f"dataset {dataset!r} not found in $nnUNet_raw ({exc}); write it first "
-                               f"(e.g. `nnfeddah phantom`)") from exc
+        name = dataset_name(dataset)
+    except DatasetNotFoundError as exc:
+        raise SharedPlansError(f"{exc} (write it first, e.g. `nnfeddah phantom`)") from exc
     if not (raw / name / "dataset.json").is_file():
         raise SharedPlansError(f"dataset {dataset!r} not found: {raw / name / 'dataset.json'} does not exist")
     return name
-
-
-def dataset_id(name: str) -> int:
-    return int(name[len("Dataset"):len("Dataset") + 3])
 
 
 def plans_from_template(template: dict, reference: str) -> dict:
@@ -146,10 +140,10 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     if (template is None) == (plans_file is None):
         raise SharedPlansError("give exactly one of --template (create shared plans) or --plans-file (install them)")
     folders = require_nnunet_env()
-    names = [dataset_name(d) for d in datasets]
+    names = [raw_dataset_name(d) for d in datasets]
     if not names:
         raise SharedPlansError("no datasets given (-d)")
-    ref = dataset_name(reference) if reference is not None else names[0]
+    ref = raw_dataset_name(reference) if reference is not None else names[0]
     source = template or plans_file
     shared = load_template(template or plans_file)
     plans_name = shared["plans_name"]
@@ -207,19 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     fp.add_argument("-d", "--dataset", required=True)
     fp.add_argument("-p", "--plans", required=True, help="plans identifier, e.g. FedDAHPlansCPU")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.cmd == "fingerprint":
-            print(site_fingerprint(dataset_name(args.dataset), args.plans))
-            return 0
+            print(site_fingerprint(raw_dataset_name(args.dataset), args.plans))
+            return
         start = time.perf_counter()
         fingerprints = install(args.datasets, args.template, args.plans_file, args.reference, args.num_processes,
                                not args.no_verify)
         print(f"[plans] {len(fingerprints)} site(s) share architecture {next(iter(fingerprints.values()))} "
               f"({time.perf_counter() - start:.1f} s)")
-        return 0
-    except (SharedPlansError, OSError) as exc:
-        print(f"nnfeddah plans: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli("nnfeddah plans", run)
 
 
 if __name__ == "__main__":

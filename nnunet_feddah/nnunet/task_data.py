@@ -19,12 +19,13 @@ from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, SegOnlyTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.organs import Task, annotated_organs
 
 PADDING_LABEL = -1  # nnU-Net's marker for voxels outside the image; its pipeline turns it into 0 later
 
 
-class TaskNotAvailableError(ValueError):
+class TaskNotAvailableError(FedDAHError, ValueError):
     """The site's dataset cannot train this task (an organ is not annotated or has no labelled voxels)."""
 
 

@@ -1,6 +1,7 @@
 """FedDAHTrainer: nnU-Net's trainer for one FedDAH round — a handful of small overrides, no copied loops.
 
-Driven by a :class:`~nnunet_feddah.nnunet.round_config.RoundConfig` (file named by ``$FEDDAH_ROUND_CONFIG``):
+Driven by a :class:`~nnunet_feddah.nnunet.round_config.RoundConfig` (handed over by :func:`train_round` in-process,
+or the file named by ``$FEDDAH_ROUND_CONFIG`` under ``nnUNetv2_train``):
 
 * start from the round's weights file, or from the weights a DAHyper checkpoint generates for the task
   (unique tensors, checked against the architecture and the task's organs);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +38,18 @@ from nnunet_feddah.method.hypernet_file import HypernetFileError, load_hypernet
 from nnunet_feddah.nnunet import network as net
 from nnunet_feddah.nnunet.augment.device_augment import DeviceAugmenter, cuda_or_cpu, describe
 from nnunet_feddah.nnunet.augment.settings import config_from_pipeline
+from nnunet_feddah.nnunet.datasets import dataset_name
 from nnunet_feddah.nnunet.round_config import RoundConfig, device_augmentation_requested
 from nnunet_feddah.nnunet.task_data import TaskFocusedDataset, check_task_available, task_dataset_json, with_task_labels
 from nnunet_feddah.nnunet.validation import organ_dice
 from nnunet_feddah.nnunet.weights import WeightsFileError, load_weights, read_header, save_weights
 from nnunet_feddah.organs import Task, annotated_organs
-from nnunet_feddah.paths import require_nnunet_env
+from nnunet_feddah.paths import CONFIGURATION, require_nnunet_env
 from nnunet_feddah.tensor_checks import non_finite
+
+# The round config an in-process caller hands over (train_round); nnUNetv2_train leaves it unset, and the
+# trainer reads $FEDDAH_ROUND_CONFIG instead (its __init__ must keep nnU-Net's exact signature).
+_HANDED_CONFIG: ContextVar[RoundConfig | None] = ContextVar("feddah_round_config", default=None)
 
 
 class OffsetPolyLRScheduler(PolyLRScheduler):
@@ -62,7 +69,7 @@ class FedDAHTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         folders = require_nnunet_env("nnUNet_preprocessed", "nnUNet_results")
-        round_config = RoundConfig.from_env()
+        round_config = _HANDED_CONFIG.get() or RoundConfig.from_env()
         device_augmentation = device_augmentation_requested(round_config)
         site_folder = folders["nnUNet_preprocessed"] / plans["dataset_name"]
         config = PlansManager(plans).get_configuration(configuration)
@@ -282,31 +289,27 @@ def _start_weights(rc: RoundConfig | None) -> dict | None:
     return None
 
 
-def train_round(dataset: str, plans_identifier: str, round_config_path: os.PathLike | str, fold: int = 0,
-                device: str = "cpu", disable_checkpointing: bool = True) -> dict:
+def train_round(dataset: int | str, plans_identifier: str, round_config: RoundConfig | os.PathLike | str,
+                fold: int = 0, device: str = "cpu", disable_checkpointing: bool = True) -> dict:
     """Run one round in this process (what ``nnUNetv2_train D 3d_fullres F -tr FedDAHTrainer`` does).
 
-    Skips nnU-Net's trainer lookup (which imports every bundled trainer) and its checkpoints by default:
-    the round's product is the weights file. Returns the metrics written to the round config's path.
+    ``round_config`` is the :class:`RoundConfig` itself (in-process callers: it is handed to the trainer,
+    not written to a file and read back) or the path of a round-config file. Skips nnU-Net's trainer
+    lookup (which imports every bundled trainer) and its checkpoints by default: the round's product is
+    the weights file. Returns the metrics written to the round config's path.
     """
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     folders = require_nnunet_env("nnUNet_preprocessed", "nnUNet_results")
-    dataset_name = maybe_convert_to_dataset_name(dataset)
-    base = folders["nnUNet_preprocessed"] / dataset_name
+    config = round_config if isinstance(round_config, RoundConfig) else RoundConfig.load(round_config)
+    base = folders["nnUNet_preprocessed"] / dataset_name(dataset)
     plans = load_json(str(base / f"{plans_identifier}.json"))
     plans["continue_training"] = False
-    previous = os.environ.get("FEDDAH_ROUND_CONFIG")
-    os.environ["FEDDAH_ROUND_CONFIG"] = str(round_config_path)
+    token = _HANDED_CONFIG.set(config)
     try:
-        trainer = FedDAHTrainer(plans, net.CONFIGURATION, fold, load_json(str(base / "dataset.json")),
+        trainer = FedDAHTrainer(plans, CONFIGURATION, fold, load_json(str(base / "dataset.json")),
                                 torch.device(device))
         trainer.disable_checkpointing = disable_checkpointing
         trainer.run_training()
         trainer.perform_actual_validation()
     finally:
-        if previous is None:
-            os.environ.pop("FEDDAH_ROUND_CONFIG", None)
-        else:
-            os.environ["FEDDAH_ROUND_CONFIG"] = previous
+        _HANDED_CONFIG.reset(token)
     return load_json(str(trainer.metrics_path))

@@ -24,7 +24,10 @@ from typing import Any
 
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.federation.coordinator import Coordinator, SiteJob, SiteResult
-from nnunet_feddah.federation.plan import STRATEGIES, FederationPlan, parse_plan, validate_sites
+from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan_reader import parse_plan
+from nnunet_feddah.federation.site_data import validate_sites
+from nnunet_feddah.method.registry import STRATEGIES
 
 QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,19 +27,23 @@ import numpy as np
 import torch
 
 from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.errors import FedDAHError, run_cli
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import plan_hash
-from nnunet_feddah.federation.plan import FederationPlan, load_plan
+from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_under
 from nnunet_feddah.organs import BY_LABEL, Task, annotated_organs
-from nnunet_feddah.results.export import ExportError, amos_dataset_json, read_json, resolve_dataset
+from nnunet_feddah.results.amos_channels import amos_dataset_json
 from nnunet_feddah.results.fcl_metrics import DiceMatrix, fcl_metrics, mean_matrix, nanmean
-from nnunet_feddah.results.inference import InferenceError, PreparedImage, SharedPlans, TaskModel, label_dice
+from nnunet_feddah.results.inference import PreparedImage, SharedPlans, TaskModel, label_dice
+from nnunet_feddah.results.nnunet_folder import read_json
 
 EVALUATION_FILE = "evaluation.json"
 EVALUATION_FORMAT = "nnunet-feddah-evaluation/1"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FedDAHError, ValueError):
     """A state or site that cannot be evaluated; the message names the file/field and the fix."""
 
 
@@ -63,8 +66,8 @@ def load_test_set(plan: FederationPlan, site: str, log: Callable[[str], None] = 
     """The site's ``imagesTs``/``labelsTs`` (raw dataset), read and preprocessed with the shared plans."""
     folders = plan.nnunet_folders(site)
     try:
-        name = resolve_dataset(plan.site(site).dataset, folders["nnUNet_preprocessed"])
-    except ExportError as exc:
+        name = dataset_under(plan.site(site).dataset, folders["nnUNet_preprocessed"])
+    except DatasetNotFoundError as exc:
         raise EvaluationError(f"site {site}: {exc}") from exc
     raw = folders["nnUNet_raw"] / name
     dataset_json = read_json(raw / "dataset.json", f"raw dataset.json of site {site}", EvaluationError)
@@ -118,17 +121,15 @@ def last_training_column(plan: FederationPlan, task: Task, steps: Sequence[int])
 
 def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
     """The time-step snapshots evaluation needs; every step up to the last committed round must have one."""
-    record = checkpoint.read_record(state_dir)
-    if record is None:
-        raise EvaluationError(f"{state_dir} has no {checkpoint.RECORD}: no round committed. Fix: pass the --state "
-                              f"folder of a coordinator run")
+    committed = checkpoint.require_committed(state_dir)
+    record = committed.record
     if record.get("plan_hash") != plan_hash(plan):
-        raise EvaluationError(f"{state_dir / checkpoint.RECORD}: field 'plan_hash' is {record.get('plan_hash')}, but "
+        raise EvaluationError(f"{committed.path}: field 'plan_hash' is {record.get('plan_hash')}, but "
                               f"plan {plan.source} hashes to {plan_hash(plan)}. Fix: pass the plan this state was run "
                               f"with (its time steps and tasks define the evaluation)")
     steps = [r for r in plan.time_steps if r <= record["round"]]
     if not steps:
-        raise EvaluationError(f"{state_dir / checkpoint.RECORD}: field 'round' is {record['round']}, before the first "
+        raise EvaluationError(f"{committed.path}: field 'round' is {record['round']}, before the first "
                               f"time step (round {plan.time_steps[0]}); nothing to evaluate yet")
     files = {r: checkpoint.snapshot_path(state_dir, r) for r in steps}
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -199,14 +200,11 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
 
 def run_stats(state_dir: os.PathLike | str) -> dict[str, Any]:
     """Server-side costs of a finished run from its state: memory held, AMR/averaging time, bytes per site-round."""
-    from nnunet_feddah.results.export import load_state
+    from nnunet_feddah.nnunet.network import is_head
 
-    state_dir = Path(state_dir)
-    record = checkpoint.read_record(state_dir)
-    if record is None:
-        raise EvaluationError(f"{state_dir} has no {checkpoint.RECORD}")
-    strategy, _ = load_state(state_dir, record["architecture_fingerprint"])
-    history = record["history"]
+    committed = checkpoint.require_committed(state_dir)
+    strategy = committed.load_strategy(is_head)
+    history = committed.history
     any_task = next(iter(_trained_tasks(history)), None)
     model_bytes = sum(t.numel() * t.element_size() for t in strategy.task_weights(any_task).values()) if any_task else 0
     site_rounds = sum(1 for h in history for line in h["sites"].values() if line["status"] == "accepted")
@@ -249,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder: evaluation.json, report.json, report.md, PNGs")
     parser.add_argument("-device", "--device", default="cpu", help="cpu (default), cuda or mps")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         plan = load_plan(args.plan)
         evaluation = evaluate_state(plan, args.state, args.device)
         stats = run_stats(args.state)
@@ -259,10 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = ", ".join(f"{label} {format_metric(evaluation[key])}" for key, label in (
             ("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"), ("bwt", "BWT")))
         print(f"[evaluate] {evaluation['strategy']}: {metrics} ({evaluation['seconds']:.1f} s); wrote {report}")
-        return 0
-    except (EvaluationError, InferenceError, checkpoint.CheckpointError, ValueError, OSError) as exc:
-        print(f"nnfeddah evaluate: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli("nnfeddah evaluate", run)
 
 
 if __name__ == "__main__":

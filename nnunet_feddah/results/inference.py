@@ -3,7 +3,7 @@
 Shared by ``nnfeddah predict`` (exported checkpoints, merged into one label map) and the evaluation
 (weights straight from a coordinator snapshot). An image is read and preprocessed once and then run
 through every task model — all tasks share the plans, so the preprocessed array is the same for all.
-Every model has 16 outputs in AMOS channel space (:func:`nnunet_feddah.results.export.pad_heads_to_amos`), so
+Every model has 16 outputs in AMOS channel space (:func:`nnunet_feddah.results.amos_channels.pad_heads_to_amos`), so
 its label map is in AMOS ids and its probabilities can be merged channel by channel.
 """
 
@@ -20,17 +20,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from nnunetv2.evaluation.evaluate_predictions import compute_metrics, compute_tp_fp_fn_tn, region_or_label_to_mask
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.nnunet import network as net
 from nnunet_feddah.nnunet.validation import dice_from_counts
-from nnunet_feddah.results.export import CONFIGURATION, NUM_SLOTS, TRAINER_NAME, nnunet_state_dict, pad_heads_to_amos
+from nnunet_feddah.paths import CONFIGURATION
+from nnunet_feddah.results.amos_channels import NUM_SLOTS, pad_heads_to_amos
+from nnunet_feddah.results.nnunet_folder import TRAINER_NAME, nnunet_state_dict
 
 
-class InferenceError(ValueError):
+class InferenceError(FedDAHError, ValueError):
     """Input that cannot be predicted: names the file or field and the fix."""
 
 
@@ -142,9 +145,3 @@ def label_dice(reference: np.ndarray, prediction: np.ndarray, labels: Sequence[i
                                             region_or_label_to_mask(prediction, label))
         scores[int(label)] = dice_from_counts(tp, fp, fn)
     return scores
-
-
-def file_dice(reference_file: str, prediction_file: str, reader: Any, labels: Sequence[int]) -> dict[int, float]:
-    """Dice per label of two label files, by nnU-Net's ``compute_metrics`` (what nnUNetv2_evaluate_folder runs)."""
-    metrics = compute_metrics(str(reference_file), str(prediction_file), reader, [int(v) for v in labels])
-    return {int(k): float(v["Dice"]) for k, v in metrics["metrics"].items()}

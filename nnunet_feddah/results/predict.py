@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,16 +20,12 @@ import numpy as np
 import torch
 
 from nnunet_feddah.atomic import atomic_write_json
-from nnunet_feddah.results.export import (
-    CONFIGURATION,
-    MANIFEST,
-    ExportError,
-    model_folder_name,
-    read_json,
-    resolve_dataset,
-)
+from nnunet_feddah.errors import run_cli
+from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_under
+from nnunet_feddah.paths import CONFIGURATION
 from nnunet_feddah.results.inference import InferenceError, SharedPlans, TaskModel
 from nnunet_feddah.results.merge import merge_task_probabilities
+from nnunet_feddah.results.nnunet_folder import MANIFEST, model_folder_name, read_json
 
 MERGE_LOG = "feddah_merge.json"
 
@@ -107,8 +102,8 @@ def resolve_model_folder(args: argparse.Namespace) -> Path:
         raise InferenceError("environment variable nnUNet_results is not set (needed with -d/-p). Fix: eval "
                              "\"$(nnfeddah env --root <work folder>)\" or pass -m")
     try:
-        name = resolve_dataset(args.dataset, Path(results))
-    except ExportError as exc:
+        name = dataset_under(args.dataset, Path(results), "nnUNet_results")
+    except DatasetNotFoundError as exc:
         raise InferenceError(str(exc)) from exc
     return Path(results) / name / model_folder_name(args.plans, args.configuration)
 
@@ -126,13 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring (8× slower in 3D)")
     parser.add_argument("--task-maps", action="store_true", help="also write each task's own label map under tasks/")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         predict_folder(resolve_model_folder(args), args.input, args.output, args.tasks, args.device,
                        args.mirroring, args.task_maps)
-        return 0
-    except (InferenceError, ValueError, OSError) as exc:
-        print(f"nnfeddah predict: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli("nnfeddah predict", run)
 
 
 if __name__ == "__main__":

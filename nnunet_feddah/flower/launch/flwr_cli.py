@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_feddah.errors import FedDAHError
+
 FEDERATION = "feddah"
 FINISHED = "finished:"
 COMPLETED = "finished:completed"
 
 
-class FlwrCliError(RuntimeError):
+class FlwrCliError(FedDAHError, RuntimeError):
     """A ``flwr`` command that failed; the message has the command and Flower's answer."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.flower.launch import procs
@@ -33,7 +34,7 @@ from nnunet_feddah.flower.launch.supernode import node_config, supernode_command
 LAUNCH_FILE = "launcher.json"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FedDAHError, RuntimeError):
     """The local federation could not be started."""
 
 

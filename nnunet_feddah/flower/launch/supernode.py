@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from nnunet_feddah.federation.plan import FederationPlanError, load_plan, validate_sites
+    from nnunet_feddah.federation.plan import FederationPlanError
+    from nnunet_feddah.federation.plan_reader import load_plan
+    from nnunet_feddah.federation.site_data import validate_sites
 
     args = _parser().parse_args(argv)
     try:

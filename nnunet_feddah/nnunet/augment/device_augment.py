@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.nnunet.augment.batch_transforms import (
     contrast,
     deep_supervision_targets,
@@ -41,7 +42,7 @@ from nnunet_feddah.nnunet.augment.batch_transforms import (
 Range = tuple[float, float]
 
 
-class DeviceAugmentError(ValueError):
+class DeviceAugmentError(FedDAHError, ValueError):
     """A configuration or a batch that the device augmentation cannot handle; the message says why and what to do."""
 
 

@@ -1,0 +1,37 @@
+"""What a coordinator starts from: the sites' shared plans, their architecture and the organ-slot base network.
+
+One function for every way of running a federation (in-process, the Flower ServerApp), so they open a
+state folder identically. The plans come from a site's installed data (checked by
+:func:`~.site_data.validate_sites`) or, on a coordinator host without site data, from a plans file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.site_data import validate_sites
+from nnunet_feddah.nnunet.network import architecture_fingerprint, hypernet_base, is_head
+
+
+def shared_plans(plan: FederationPlan, plans_file: str | Path | None = None) -> tuple[dict[str, Any], str]:
+    """The shared nnU-Net plans and their architecture fingerprint, from a site's data or an explicit file."""
+    if plans_file:
+        plans = json.loads(Path(plans_file).read_text())
+        fingerprint = (plans.get("feddah") or {}).get("architecture_fingerprint") or architecture_fingerprint(plans)
+        return plans, fingerprint
+    site = next(iter(validate_sites(plan, check_cases=False).values()))
+    return json.loads(site.plans_file.read_text()), site.fingerprint
+
+
+def open_coordinator(plan: FederationPlan, state_dir: str | Path, plans_file: str | Path | None = None,
+                     log: Callable[[str], None] = print,
+                     max_relative_change: float | None = None) -> Coordinator:
+    """A fresh coordinator for ``plan``, or the one committed in ``state_dir`` (resume)."""
+    plans, fingerprint = shared_plans(plan, plans_file)
+    return Coordinator.open(plan, Path(state_dir), hypernet_base(plans), is_head, fingerprint, log=log,
+                            max_relative_change=max_relative_change or DEFAULT_MAX_RELATIVE_CHANGE)

@@ -1,0 +1,67 @@
+"""Strategy names, older spellings, the paper's ablations, and how a strategy is made and loaded by name.
+
+A new strategy is one :class:`~nnunet_feddah.method.strategy.Strategy` subclass plus one line in
+:data:`STRATEGY_CLASSES`. An ablation is FedDAH with one switch forced (it may still take the other
+parameters). The federation plan reader checks names against :data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnunet_feddah.method.fedavg import FedAvgStrategy, LocalStrategy, PerTaskFedAvgStrategy
+from nnunet_feddah.method.feddah import FedDAHStrategy
+from nnunet_feddah.method.hypernet_file import FORMAT as HYPERNET_FORMAT
+from nnunet_feddah.method.strategy import IsHead, Strategy, StrategyFileError, read_strategy_metadata
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    "feddah": FedDAHStrategy,
+    "fedavg": FedAvgStrategy,
+    "fedavg-per-task": PerTaskFedAvgStrategy,
+    "local": LocalStrategy,
+}
+FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
+    "feddah-noLR": {"beta": 0.0},  # no historical regulariser
+    "feddah-noWs": {"similarity": "fixed"},  # W_s fixed instead of the JS similarity
+    "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
+}
+STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))
+STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28
+
+
+def canonical_strategy(name: str) -> str:
+    """The strategy's name as :data:`STRATEGIES` spells it (older spellings accepted)."""
+    return STRATEGY_ALIASES.get(name, name)
+
+
+def make_strategy(name: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor], is_head: IsHead) -> Strategy:
+    """A fresh strategy from a plan's ``strategy`` section and the network's initial organ-slot weights."""
+    name = canonical_strategy(name)
+    if name in FEDDAH_ABLATIONS:
+        name, params = "feddah", {**params, **FEDDAH_ABLATIONS[name]}
+    if name not in STRATEGY_CLASSES:
+        raise ValueError(f"strategy.name: unknown strategy {name!r}; known: {list(STRATEGIES)}")
+    return STRATEGY_CLASSES[name].create(base, is_head, params)
+
+
+def saved_strategy_name(path: os.PathLike | str) -> str:
+    """Which strategy wrote a strategy file (a DAHyper checkpoint says so in its ``extra``)."""
+    meta = read_strategy_metadata(path)
+    if meta.get("format") == HYPERNET_FORMAT:
+        return json.loads(meta["info"]).get("extra", {}).get("strategy", FedDAHStrategy.name)
+    return canonical_strategy(meta.get("strategy", ""))
+
+
+def load_strategy(path: os.PathLike | str, fingerprint: str, is_head: IsHead) -> Strategy:
+    """The strategy saved in ``path`` by whichever class wrote it; refused for another architecture."""
+    name = saved_strategy_name(path)
+    if name not in STRATEGY_CLASSES:
+        raise StrategyFileError(f"{Path(path)}: field 'strategy' is {name!r}, not one of {list(STRATEGY_CLASSES)}; "
+                                f"not a strategy file of this version")
+    return STRATEGY_CLASSES[name].load(path, fingerprint, is_head)
