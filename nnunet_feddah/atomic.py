@@ -23,14 +23,18 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and move it into place."""
+def atomic_path(path: os.PathLike | str, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and move it into place.
+
+    ``mode`` (e.g. ``0o600`` for a coordinator's state) replaces the permissions ``open()`` would give.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; the result gets the permissions open() would give
+    # mkstemp creates 0600; unless told otherwise the result gets the permissions open() would give
+    os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -40,11 +44,11 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: os.PathLike | str, data: bytes, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_json(path: os.PathLike | str, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+def atomic_write_json(path: os.PathLike | str, payload: Any, mode: int | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode(), mode)
 

@@ -22,6 +22,9 @@ from pathlib import Path
 from types import FrameType
 
 from nnunet_feddah.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from nnunet_feddah.federation.coordinator import DEFAULT_ROUND_ATTEMPTS
+from nnunet_feddah.federation.lock import Holder, state_lock
+from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
 from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.site_data import validate_sites
@@ -38,8 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="training device for the sites (local / in-process)")
     p.add_argument("--max-relative-change", type=float, default=None, help="reject uploads that move the weights "
                                                                             "more than this (relative L2)")
+    p.add_argument("--round-attempts", type=int, default=DEFAULT_ROUND_ATTEMPTS,
+                   help=f"tries of a round in which no upload is accepted before the run stops "
+                        f"(default {DEFAULT_ROUND_ATTEMPTS})")
     p.add_argument("--superlink", default="127.0.0.1:9092", help="deployment: SuperLink address (Control API)")
     p.add_argument("--root-certificates", type=Path, default=None, help="deployment: CA certificate of the SuperLink")
+    p.add_argument("--app-spec", default=None, help="deployment: run the signed app the SuperLink serves "
+                                                    "(@nnunet-feddah/nnunet-feddah-app==VERSION) instead of sending "
+                                                    "the installed app folder unsigned (docs/DEPLOYMENT.md, 2b)")
     p.add_argument("--plans-file", type=Path, default=None,
                    help="deployment: shared plans JSON when this host has no site data (skips the data check)")
     return p
@@ -58,22 +67,25 @@ def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
     return plan
 
 
-def run_in_process(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
-    from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
+def run_in_process(plan: FederationPlan, state: Path, work: Path, args: argparse.Namespace) -> bool:
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.federation.start import open_coordinator
 
-    coordinator = open_coordinator(plan, state, log=file_logger(state / COORDINATOR_LOG), max_relative_change=max_change)
-    coordinator.run(InProcessExecutor(plan, work, device))
+    coordinator = open_coordinator(plan, state, log=file_logger(state / COORDINATOR_LOG),
+                                   max_relative_change=args.max_relative_change, round_attempts=args.round_attempts)
+    coordinator.run(InProcessExecutor(plan, work, args.device))
     return coordinator.finished
 
 
-def run_local(plan: FederationPlan, state: Path, work: Path, device: str, max_change: float | None) -> bool:
+def run_local(plan: FederationPlan, state: Path, work: Path, args: argparse.Namespace, lock: Holder) -> bool:
+    """The whole federation through Flower here; the ServerApp runs under this process's state lock."""
     from nnunet_feddah.flower.launch.flwr_cli import COMPLETED
     from nnunet_feddah.flower.launch.local import LocalFederation
 
-    extra = {} if max_change is None else {"max-relative-change": max_change}
-    with LocalFederation(plan, state, work, device, run_config=extra) as federation:
+    extra = {"lock-token": lock.token, "round-attempts": args.round_attempts}
+    if args.max_relative_change is not None:
+        extra["max-relative-change"] = args.max_relative_change
+    with LocalFederation(plan, state, work, args.device, run_config=extra) as federation:
         federation.start()
         return federation.run() == COMPLETED and _committed(state) >= plan.total_rounds
 
@@ -81,26 +93,31 @@ def run_local(plan: FederationPlan, state: Path, work: Path, device: str, max_ch
 def run_deployment(plan: FederationPlan, args: argparse.Namespace) -> bool:
     from nnunet_feddah.flower.launch.remote import run_remote
 
-    return run_remote(plan, args.state.resolve(), args.superlink, args.root_certificates, args.plans_file,
-                      args.work, args.max_relative_change) and _committed(args.state) >= plan.total_rounds
+    finished = run_remote(plan, args.state.resolve(), args.superlink, args.root_certificates, args.plans_file,
+                          args.work, args.max_relative_change, args.app_spec)
+    return finished and _committed(args.state) >= plan.total_rounds
 
 
 def _committed(state: Path) -> int:
     from nnunet_feddah.federation import checkpoint
 
-    committed = checkpoint.read_committed(state)
+    committed = checkpoint.read_committed(state, verify=False)
     return 0 if committed is None else committed.round
 
 
 def where(plan: FederationPlan, state: Path, work: Path | None, mode: str) -> str:
     """Where everything is, for the operator's next step (export, evaluation, debugging)."""
     from nnunet_feddah.federation import checkpoint
-    from nnunet_feddah.federation.logfile import COORDINATOR_LOG
     from nnunet_feddah.flower import TIMINGS_FILE
 
-    committed = checkpoint.read_committed(state)
-    lines = [f"state:       {state / checkpoint.RECORD} (round {committed.round if committed else 0}/"
-             f"{plan.total_rounds})"]
+    try:
+        committed = checkpoint.read_committed(state, verify=False)
+    except checkpoint.CheckpointError as exc:  # already reported by the run; say where, not why again
+        committed = None
+        lines = [f"state:       {state / checkpoint.RECORD} (unusable: {str(exc).split('. ')[0]})"]
+    else:
+        lines = [f"state:       {state / checkpoint.RECORD} (round {committed.round if committed else 0}/"
+                 f"{plan.total_rounds})"]
     if committed:
         lines.append(f"strategy:    {committed.strategy_file}")
     lines.append(f"log:         {state / COORDINATOR_LOG}")
@@ -132,10 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "local" if args.local else "in-process" if args.in_process else "deployment"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.in_process:
-            ok = run_in_process(plan, state, work, args.device, args.max_relative_change)
-        elif args.local:
-            ok = run_local(plan, state, work, args.device, args.max_relative_change)
+        if args.in_process or args.local:  # a deployment's ServerApp takes the lock on its own host
+            with state_lock(state, mode, log=file_logger(state / COORDINATOR_LOG)) as lock:
+                ok = (run_in_process(plan, state, work, args) if args.in_process
+                      else run_local(plan, state, work, args, lock))
         else:
             ok = run_deployment(plan, args)
     except (KeyboardInterrupt, SystemExit):

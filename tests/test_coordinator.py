@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nnunet_feddah.federation import checkpoint
-from nnunet_feddah.federation.coordinator import Coordinator, SiteJob, SiteResult
+from nnunet_feddah.federation.coordinator import Coordinator, RoundFailed, SiteJob, SiteResult
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir
@@ -71,7 +71,9 @@ def test_rounds_follow_asynchronous_streams_and_commit(tmp_path, base):
     record = checkpoint.read_committed(tmp_path / "state").record
     assert record["round"] == 2 and record["site_steps"] == {"a": 1, "b": 1}
     assert sorted(coordinator.strategy.hyper.tasks) == ["kidneys", "liver", "spleen"]
-    assert len(list((tmp_path / "state").glob("strategy-r*.safetensors"))) == 1
+    # the committed strategy file and the one the kept previous record names (issue 16: the way back)
+    assert sorted(p.name for p in (tmp_path / "state").glob("strategy-r*.safetensors")) == [
+        "strategy-r0001.safetensors", "strategy-r0002.safetensors"]
     # every round closes a time step here (one round per step): each keeps its snapshot for the evaluation
     assert sorted(p.name for p in (tmp_path / "state" / "steps").iterdir()) == [
         "strategy-r0001.safetensors", "strategy-r0002.safetensors"]
@@ -107,9 +109,12 @@ def test_bad_uploads_are_rejected_and_leave_state_identical(tmp_path, base, kind
         bad.metrics["dice"] = {"spleen": 3.0}
     else:
         bad = "RuntimeError: trainer crashed"
-    summary = coordinator.apply(2, {"a": jobs["a"]}, {"a": bad})
+    with pytest.raises(RoundFailed) as failed:  # the only upload of the round: nothing is committed (issue 16)
+        coordinator.apply(2, {"a": jobs["a"]}, {"a": bad})
+    summary = failed.value.summary
     assert summary.sites["a"]["status"] == "rejected" and summary.sites["a"]["reason"]
     assert_same(strategy_bytes(coordinator), before)
+    assert coordinator.last_round == 1 and checkpoint.read_committed(tmp_path / "state").round == 1
 
 
 def _crash():

@@ -94,9 +94,6 @@ class FakeGrid:
             self.pushed.append((mid, m))
             ids.append(mid)
             site = self.site_of[m.metadata.dst_node_id]
-            if m.metadata.message_type == messages.HELLO:
-                self._reply(mid, messages.hello_reply(site))
-                continue
             answer = self.behave.get(site, "train")
             if answer == "train":
                 job, _ = messages.job_from_content(m.content)
@@ -144,11 +141,14 @@ def test_executor_site_offline_is_missed_without_waiting(task_identity):
 
 
 def test_executor_error_reply_and_unnamed_node(task_identity):
-    grid = FakeGrid({11: "a", 12: "b"}, unnamed=(11,))  # registered without --name: asked with a query
+    """A site is only ever the node registered under its name (issue 16: an unnamed node claimed any site)."""
+    grid = FakeGrid({11: "a", 12: "b", 13: "b"}, unnamed=(11, 13))  # 13 would claim b on its own word
     grid.behave["b"] = "error"
-    results, _ = _run(grid)
-    assert isinstance(results["a"], SiteResult)
+    results, lines = _run(grid)
+    assert "no SuperNode registered as this site" in results["a"]
     assert results["b"].startswith("Flower error 5")
+    assert [m.metadata.dst_node_id for _, m in grid.pushed] == [12]  # the unnamed nodes got nothing
+    assert sum("node 11 is registered without a name" in line for line in lines) == 1
 
 
 def test_executor_node_lost_or_restarted_mid_round(task_identity):

@@ -26,7 +26,7 @@ ALLOWED = {
 }
 # federation modules that must work without nnU-Net (the coordinator reads plans and runs rounds without it)
 NO_NNUNET = {"federation/coordinator.py", "federation/plan.py", "federation/plan_reader.py",
-             "federation/checkpoint.py", "federation/logfile.py"}
+             "federation/checkpoint.py", "federation/logfile.py", "federation/lock.py"}
 METHOD_THIRD_PARTY = {"torch", "numpy", "safetensors"}
 
 

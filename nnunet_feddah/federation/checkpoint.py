@@ -12,10 +12,17 @@ the strategy file is a plain DAHyper checkpoint, so a trainer's round config can
 Rounds that close a time step of the plan (:attr:`FederationPlan.time_steps`) also keep a copy under
 ``steps/`` (written before the record, replaced if the round is redone): the strategy as it was at
 that point in time, which is what the evaluation's Dice matrix needs. Old snapshots are never removed.
+
+Integrity (nothing lost, nothing faked): the record holds the sha256 of the strategy file and of every
+snapshot, and the record it replaces is kept as ``checkpoint.previous.json`` (its strategy file too, until
+the next commit; after the first commit it is a copy of the record). On every open each committed file is checked against its hash; a missing, truncated or
+altered record or file is refused with what is wrong and how to recover — never a silent restart, and a
+commit never deletes a file a record names. State files are owner-only (folder 0700, files 0600).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +37,9 @@ from nnunet_feddah.method import registry
 from nnunet_feddah.method.strategy import IsHead, Strategy, StrategyFileError
 
 RECORD = "checkpoint.json"
+PREVIOUS_RECORD = "checkpoint.previous.json"
 STEPS_DIR = "steps"
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 RECORD_FORMAT = "nnunet-feddah-coordinator/1"
 
 
@@ -90,18 +99,62 @@ class Committed:
     def load_strategy(self, is_head: IsHead) -> Strategy:
         return load_strategy(self.strategy_file, self.fingerprint, is_head)
 
+    def verify(self) -> None:
+        """Check the strategy file and every time-step snapshot against the hashes the record holds."""
+        files = {self.strategy_file: self.record.get("strategy_sha256")}
+        files.update({snapshot_path(self.state_dir, int(r)): h for r, h in (self.record.get("snapshots") or {}).items()})
+        for path, expected in files.items():
+            if expected is None:  # a record written before hashes were kept
+                continue
+            if not path.is_file():
+                raise CheckpointError(f"{self.path}: committed file {path} is missing. {_recovery(self.state_dir)}")
+            if file_sha256(path) != expected:
+                raise CheckpointError(f"{path} does not match the sha256 in {self.path} (truncated or altered after "
+                                      f"it was committed). {_recovery(self.state_dir)}")
 
-def read_committed(state_dir: os.PathLike | str) -> Committed | None:
-    """The committed state of ``state_dir``; None when no round has been committed there."""
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recovery(state_dir: Path) -> str:
+    """How to recover a damaged state folder, from what is actually in it."""
+    options = []
+    previous = state_dir / PREVIOUS_RECORD
+    if previous.is_file():
+        try:
+            round_index = json.loads(previous.read_text()).get("round")
+        except (json.JSONDecodeError, AttributeError):
+            round_index = "?"
+        options.append(f"go back one round with `cp {previous} {state_dir / RECORD}` (round {round_index})")
+    snapshots = sorted((state_dir / STEPS_DIR).glob("strategy-r*.safetensors"))
+    if snapshots:
+        options.append(f"evaluate/export from the last time-step snapshot {snapshots[-1]}")
+    options.append("or start a new --state folder")
+    return "Fix: " + "; ".join(options)
+
+
+def read_committed(state_dir: os.PathLike | str, verify: bool = True) -> Committed | None:
+    """The committed state of ``state_dir`` (every committed file checked against its hash unless ``verify``
+    is off); None when no round has been committed there."""
     state_dir = Path(state_dir)
     path = state_dir / RECORD
     if not path.is_file():
-        return None
+        if (state_dir / PREVIOUS_RECORD).is_file():  # written after every commit: rounds were committed here
+            left = sorted(p.name for p in [*state_dir.glob("strategy-r*.safetensors"),
+                                           *(state_dir / STEPS_DIR).glob("*.safetensors")])
+            raise CheckpointError(f"{path} is missing, but {state_dir} holds committed rounds ({PREVIOUS_RECORD}, "
+                                  f"{', '.join(left[:4])}{', …' if len(left) > 4 else ''}); refusing to start the "
+                                  f"federation again from scratch over them. {_recovery(state_dir)}")
+        return None  # a new state folder (or one whose first commit never finished: its leftovers are replaced)
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from a backup or start a new "
-                              f"state folder") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}). {_recovery(state_dir)}") from exc
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise CheckpointError(f"{path}: field 'format' is {found!r}, expected {RECORD_FORMAT!r}")
@@ -110,8 +163,12 @@ def read_committed(state_dir: os.PathLike | str) -> Committed | None:
         raise CheckpointError(f"{path}: field(s) {missing} missing; not a complete commit record. Restore it from a "
                               f"backup or start a new state folder")
     if not (state_dir / record["strategy_file"]).is_file():
-        raise CheckpointError(f"{path}: field 'strategy_file' names {record['strategy_file']}, which is missing")
-    return Committed(state_dir, record)
+        raise CheckpointError(f"{path}: field 'strategy_file' names {record['strategy_file']}, which is missing. "
+                              f"{_recovery(state_dir)}")
+    committed = Committed(state_dir, record)
+    if verify:
+        committed.verify()
+    return committed
 
 
 def require_committed(state_dir: os.PathLike | str) -> Committed:
@@ -125,22 +182,35 @@ def require_committed(state_dir: os.PathLike | str) -> Committed:
 
 def commit(state_dir: Path, round_index: int, strategy: Strategy, fingerprint: str, record: Mapping[str, Any],
            before_record: Callable[[], None] | None = None, snapshot: bool = False) -> Path:
-    """Write the strategy file (and its time-step snapshot), then atomically the record naming it; then drop
-    unreferenced files.
+    """Write the strategy file (and its time-step snapshot), then atomically the record naming it and their
+    hashes, then keep the record it replaced as the previous record; then drop files no record names.
 
-    ``before_record`` runs between the two writes (tests inject a crash there).
+    The previous record is written after every commit (on the first, a copy of the record itself), so a
+    state folder whose ``checkpoint.json`` was deleted is recognised and refused. ``before_record`` runs
+    between the strategy file and the record (tests inject a crash there).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(PRIVATE_DIR)
+    current = read_committed(state_dir, verify=False)  # verified when the coordinator opened the state
     name = strategy_file_name(round_index)
     strategy.save(state_dir / name, fingerprint)
+    (state_dir / name).chmod(PRIVATE_FILE)
+    digest = file_sha256(state_dir / name)
+    snapshots = dict(current.record.get("snapshots") or {}) if current is not None else {}
     if snapshot:
-        with atomic_path(snapshot_path(state_dir, round_index)) as tmp:
+        (state_dir / STEPS_DIR).mkdir(exist_ok=True)
+        (state_dir / STEPS_DIR).chmod(PRIVATE_DIR)
+        with atomic_path(snapshot_path(state_dir, round_index), PRIVATE_FILE) as tmp:
             shutil.copyfile(state_dir / name, tmp)
+        snapshots[str(round_index)] = digest
     if before_record is not None:
         before_record()
-    atomic_write_json(state_dir / RECORD, {"format": RECORD_FORMAT, **record, "round": round_index,
-                                           "strategy_file": name, "architecture_fingerprint": fingerprint})
+    new = {"format": RECORD_FORMAT, **record, "round": round_index, "strategy_file": name,
+           "strategy_sha256": digest, "snapshots": snapshots, "architecture_fingerprint": fingerprint}
+    atomic_write_json(state_dir / RECORD, new, PRIVATE_FILE)
+    atomic_write_json(state_dir / PREVIOUS_RECORD, dict(current.record) if current is not None else new, PRIVATE_FILE)
+    keep = {name} | ({current.record["strategy_file"]} if current is not None else set())
     for stale in state_dir.glob("strategy-r*.safetensors"):
-        if stale.name != name:
+        if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return state_dir / name

@@ -28,6 +28,12 @@ from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 DEFAULT_MAX_RELATIVE_CHANGE = 1.0
+DEFAULT_ROUND_ATTEMPTS = 3  # a round in which every site failed is tried this often before the run stops
+# An upload's weight norm may differ from what was sent by at most this factor either way. Measured: a
+# first round of 100 nnU-Net iterations from the initial weights (CPU plan, lr 1e-2) moved the weights by
+# 0.19 (relative L2) at a norm ratio of 1.01, so 1.5 leaves room for far longer rounds while refusing a
+# collapse to zero or a blown-up upload (weights x 1.99 passes the change bound of 1.0 at 0.99).
+NORM_RATIO_BOUND = 1.5
 
 
 @dataclass
@@ -82,15 +88,60 @@ def update_lost(sent: Mapping[str, torch.Tensor], uploaded: Mapping[str, torch.T
     return lost / max(_norm({k: v.double() - sent[k].double() for k, v in uploaded.items()}), 1e-12)
 
 
-def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float) -> None:
-    """Raise :class:`UploadRejected` naming the problem; nothing is modified."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fraction(value: Any, field: str) -> None:
+    if value is not None and not (_is_number(value) and (math.isnan(value) or 0 <= value <= 1)):
+        raise UploadRejected(f"metrics field '{field}' is {value!r}, expected a value in [0, 1] (or null)")
+
+
+def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> None:
+    """Every metric the coordinator reads, stores or weights by, typed and bounded (a site is not trusted)."""
+    if not isinstance(metrics, Mapping):
+        raise UploadRejected(f"metrics must be a JSON object, got {type(metrics).__name__}")
+    loss = metrics.get("train_loss")
+    if not _is_number(loss) or not math.isfinite(loss):
+        raise UploadRejected(f"metrics field 'train_loss' is {loss!r}, expected a finite number")
+    iterations = metrics.get("iterations")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise UploadRejected(f"metrics field 'iterations' is {iterations!r}, expected an integer ≥ 1")
+    cases = metrics.get("num_training_cases")
+    if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
+        raise UploadRejected(f"metrics field 'num_training_cases' is {cases!r}, expected an integer ≥ 1")
+    if max_training_cases is not None and cases > max_training_cases:
+        raise UploadRejected(f"metrics field 'num_training_cases' is {cases}, but the site's dataset declares only "
+                             f"{max_training_cases} training cases")
+    dice = metrics.get("dice")
+    if dice is not None and not isinstance(dice, Mapping):
+        raise UploadRejected(f"metrics field 'dice' is {dice!r}, expected an object organ -> Dice")
+    for organ, value in (dice or {}).items():
+        _check_fraction(value, f"dice.{organ}")
+    _check_fraction(metrics.get("mean_dice"), "mean_dice")
+
+
+def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float,
+                    max_training_cases: int | None = None) -> None:
+    """Raise :class:`UploadRejected` naming the problem; nothing is modified.
+
+    The change bound has three parts: an upload may move the weights by at most ``max_relative_change``
+    (relative L2); its norm must stay within :data:`NORM_RATIO_BOUND` of the norm sent (all-zero is a
+    relative change of exactly 1 and weights x 1.99 one of 0.99: both pass the first part alone); and no
+    tensor the coordinator sent non-zero may come back all zero.
+    """
     if result.site != job.site or result.round != job.round or result.task != job.task:
         raise UploadRejected(f"answers site={result.site} round={result.round} task={result.task}, but "
                              f"{job.site} was sent round {job.round} task {job.task}")
+    if not isinstance(result.weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in result.weights.values()):
+        raise UploadRejected("weights are not a mapping of tensor name -> tensor")
     mismatches = shape_mismatches({k: tuple(v.shape) for k, v in job.weights.items()},
                                   {k: tuple(v.shape) for k, v in result.weights.items()})
     if mismatches:
         raise UploadRejected(f"tensor names/shapes differ from what was sent: {'; '.join(mismatches)}")
+    wrong_dtype = [k for k, v in job.weights.items() if result.weights[k].dtype != v.dtype]
+    if wrong_dtype:
+        raise UploadRejected(f"tensor dtypes differ from what was sent: {wrong_dtype[:3]}")
     bad = non_finite(result.weights)
     if bad:
         raise UploadRejected(f"NaN/Inf in {bad[:3]}")
@@ -98,15 +149,26 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
         _norm(job.weights), 1e-12)
     if change > max_relative_change:
         raise UploadRejected(f"relative change {change:.3f} of the weights exceeds the bound {max_relative_change}")
-    metrics = result.metrics
-    loss = metrics.get("train_loss")
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        raise UploadRejected(f"metrics field 'train_loss' is {loss!r}, expected a finite number")
-    if not isinstance(metrics.get("iterations"), int) or metrics["iterations"] < 1:
-        raise UploadRejected(f"metrics field 'iterations' is {metrics.get('iterations')!r}, expected ≥ 1")
-    for organ, dice in (metrics.get("dice") or {}).items():
-        if dice is not None and not (isinstance(dice, (int, float)) and (math.isnan(dice) or 0 <= dice <= 1)):
-            raise UploadRejected(f"metrics field 'dice.{organ}' is {dice!r}, expected a value in [0, 1]")
+    ratio = _norm(result.weights) / max(_norm(job.weights), 1e-12)
+    if not 1 / NORM_RATIO_BOUND <= ratio <= NORM_RATIO_BOUND:
+        raise UploadRejected(f"the weights' norm is {ratio:.3f}× what was sent, outside [1/{NORM_RATIO_BOUND}, "
+                             f"{NORM_RATIO_BOUND}] (a collapsed or scaled upload)")
+    collapsed = [k for k, v in job.weights.items() if v.is_floating_point() and v.numel() > 1
+                 and bool(v.abs().sum() > 0) and not bool(result.weights[k].abs().sum() > 0)]
+    if collapsed:
+        raise UploadRejected(f"{len(collapsed)} tensor(s) sent non-zero came back all zero (e.g. {collapsed[:3]})")
+    if not _is_number(result.seconds) or not math.isfinite(result.seconds) or result.seconds < 0:
+        raise UploadRejected(f"field 'seconds' is {result.seconds!r}, expected a finite number ≥ 0")
+    validate_metrics(result.metrics, max_training_cases)
+
+
+class RoundFailed(FedDAHError, RuntimeError):
+    """A round in which no upload was accepted: nothing is committed, the round is tried again or the run stops."""
+
+    def __init__(self, summary: RoundSummary) -> None:
+        self.summary = summary
+        reasons = "; ".join(f"{site}: {line.get('reason', line['status'])}" for site, line in summary.sites.items())
+        super().__init__(f"round {summary.round}: no upload was accepted ({reasons})")
 
 
 @dataclass
@@ -127,24 +189,32 @@ class Coordinator:
 
     def __init__(self, plan: FederationPlan, state_dir: Path, strategy: Strategy, fingerprint: str,
                  log: Callable[[str], None] = print, max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE,
-                 history: list[dict[str, Any]] | None = None, last_round: int = 0) -> None:
+                 history: list[dict[str, Any]] | None = None, last_round: int = 0,
+                 training_cases: Mapping[str, int] | None = None,
+                 round_attempts: int = DEFAULT_ROUND_ATTEMPTS) -> None:
         self.plan, self.state_dir, self.strategy, self.fingerprint = plan, Path(state_dir), strategy, fingerprint
         self.log, self.max_relative_change = log, max_relative_change
         self.history = history or []
         self.last_round = last_round
+        self.training_cases = dict(training_cases or {})  # site -> training cases its dataset declares
+        self.round_attempts = round_attempts
         self.before_commit: Callable[[], None] | None = None  # test hook: runs between update and commit
         self.mid_commit: Callable[[], None] | None = None  # test hook: runs inside the commit
 
     @classmethod
     def open(cls, plan: FederationPlan, state_dir: Path | str, base: Mapping[str, torch.Tensor],
              is_head: Callable[[str], bool], fingerprint: str, log: Callable[[str], None] = print,
-             max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE) -> Coordinator:
-        """A fresh coordinator, or the one committed in ``state_dir`` (resume)."""
+             max_relative_change: float = DEFAULT_MAX_RELATIVE_CHANGE, **limits: Any) -> Coordinator:
+        """A fresh coordinator, or the one committed in ``state_dir`` (resume).
+
+        ``limits``: ``training_cases`` (site -> the training cases its dataset declares, the bound on an
+        upload's ``num_training_cases``) and ``round_attempts``.
+        """
         state_dir = Path(state_dir)
         committed = checkpoint.read_committed(state_dir)
         if committed is None:
             strategy = make_strategy(plan.strategy.name, plan.strategy.params, base, is_head)
-            return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change)
+            return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, **limits)
         if committed.record.get("plan_hash") != plan_hash(plan):
             raise checkpoint.CheckpointError(
                 f"{committed.path}: field 'plan_hash' is {committed.record.get('plan_hash')}, this plan "
@@ -154,7 +224,7 @@ class Coordinator:
         strategy = committed.load_strategy(is_head)
         log(f"resuming {plan.name} after committed round {committed.round} from {state_dir}")
         return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, committed.history,
-                   committed.round)
+                   committed.round, **limits)
 
     @property
     def next_round(self) -> int:
@@ -176,7 +246,11 @@ class Coordinator:
 
     def apply(self, round_index: int, jobs: Mapping[str, SiteJob],
               results: Mapping[str, SiteResult | BaseException | str], started: float | None = None) -> RoundSummary:
-        """Validate, update, commit. Rejected or missing uploads are logged and leave no trace in the state."""
+        """Validate, update, commit. Rejected or missing uploads are logged and leave no trace in the state.
+
+        A round with jobs but no accepted upload raises :class:`RoundFailed` before anything is updated or
+        committed: it did not happen, so the state stays resumable at this round once the cause is fixed.
+        """
         started = time.perf_counter() if started is None else started
         summary = RoundSummary(round_index)
         accepted: list[tuple[SiteJob, SiteResult]] = []
@@ -186,7 +260,7 @@ class Coordinator:
             try:
                 if not isinstance(result, SiteResult):
                     raise UploadRejected(f"site failed: {result}")
-                validate_upload(job, result, self.max_relative_change)
+                validate_upload(job, result, self.max_relative_change, self.training_cases.get(site))
                 accepted.append((job, result))
                 line.update(status="accepted", mean_dice=result.metrics.get("mean_dice"),
                             dice=result.metrics.get("dice"), train_loss=result.metrics.get("train_loss"),
@@ -194,9 +268,10 @@ class Coordinator:
             except UploadRejected as exc:
                 line.update(status="rejected", reason=str(exc))
             summary.sites[site] = line
+        if jobs and not accepted:
+            raise RoundFailed(summary)
         start = time.perf_counter()
-        uploads = [Upload(r.site, r.task, j.organs, r.weights, int(r.metrics.get("num_training_cases") or 1))
-                   for j, r in accepted]
+        uploads = [Upload(r.site, r.task, j.organs, r.weights, r.metrics["num_training_cases"]) for j, r in accepted]
         reports = self.strategy.update(uploads, round_index) if uploads else []
         for (job, result), report in zip(accepted, reports, strict=True):
             kept = {k: v for k, v in report.items() if k in (
@@ -224,13 +299,27 @@ class Coordinator:
         return summary
 
     def run(self, execute: Executor) -> list[dict[str, Any]]:
-        """Run every remaining round; returns the full round history."""
+        """Run every remaining round; returns the full round history.
+
+        A round nobody could complete is tried ``round_attempts`` times; then :class:`RoundFailed` (naming every
+        site's error) ends the run with the state still at the last committed round.
+        """
+        attempt = 1
         while not self.finished:
             round_index = self.next_round
             started = time.perf_counter()
             jobs = self.jobs(round_index)
             results = execute(jobs, self.plan.round_deadline_s) if jobs else {}
-            self.apply(round_index, jobs, results, started)
+            try:
+                self.apply(round_index, jobs, results, started)
+            except RoundFailed as exc:
+                self.log(f"round {round_index}/{self.plan.total_rounds} NOT committed (attempt {attempt}/"
+                         f"{self.round_attempts}): {exc}")
+                if attempt >= self.round_attempts:
+                    raise
+                attempt += 1
+                continue
+            attempt = 1
         self.log(final_table(self.history))
         return self.history
 

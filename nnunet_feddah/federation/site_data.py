@@ -28,6 +28,7 @@ class SiteData:
     plans_file: Path
     fingerprint: str
     organ_cases: Mapping[str, int] = field(default_factory=dict, hash=False)  # organ -> preprocessed cases with it
+    training_cases: int | None = None  # numTraining of the site's dataset.json: the bound on an upload's claim
 
 
 def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, problems: list[str]) -> SiteData | None:
@@ -93,7 +94,9 @@ def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, pr
     if len(problems) > start:
         return None
     organ_cases = {o.key: counts.get(o.label, 0) for t in s.stream for o in t.organs} if counts is not None else {}
-    return SiteData(s.name, name, pre, plans_file, fingerprint, organ_cases)
+    declared = dataset_json.get("numTraining")
+    training_cases = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
+    return SiteData(s.name, name, pre, plans_file, fingerprint, organ_cases, training_cases)
 
 
 def validate_sites(plan: FederationPlan, sites: Sequence[str] | None = None,

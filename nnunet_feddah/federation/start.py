@@ -12,26 +12,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, Coordinator
+from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, DEFAULT_ROUND_ATTEMPTS, Coordinator
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.nnunet.network import architecture_fingerprint, hypernet_base, is_head
 
 
-def shared_plans(plan: FederationPlan, plans_file: str | Path | None = None) -> tuple[dict[str, Any], str]:
-    """The shared nnU-Net plans and their architecture fingerprint, from a site's data or an explicit file."""
+def shared_plans(plan: FederationPlan, plans_file: str | Path | None = None
+                 ) -> tuple[dict[str, Any], str, dict[str, int]]:
+    """The shared nnU-Net plans, their architecture fingerprint and each site's declared training cases.
+
+    From the sites' data when this host has it; from an explicit plans file otherwise (then no site's case
+    count is known here, and an upload's ``num_training_cases`` is only checked to be a positive integer).
+    """
     if plans_file:
         plans = json.loads(Path(plans_file).read_text())
         fingerprint = (plans.get("feddah") or {}).get("architecture_fingerprint") or architecture_fingerprint(plans)
-        return plans, fingerprint
-    site = next(iter(validate_sites(plan, check_cases=False).values()))
-    return json.loads(site.plans_file.read_text()), site.fingerprint
+        return plans, fingerprint, {}
+    sites = validate_sites(plan, check_cases=False)
+    first = next(iter(sites.values()))
+    cases = {name: data.training_cases for name, data in sites.items() if data.training_cases is not None}
+    return json.loads(first.plans_file.read_text()), first.fingerprint, cases
 
 
 def open_coordinator(plan: FederationPlan, state_dir: str | Path, plans_file: str | Path | None = None,
                      log: Callable[[str], None] = print,
-                     max_relative_change: float | None = None) -> Coordinator:
+                     max_relative_change: float | None = None,
+                     round_attempts: int = DEFAULT_ROUND_ATTEMPTS) -> Coordinator:
     """A fresh coordinator for ``plan``, or the one committed in ``state_dir`` (resume)."""
-    plans, fingerprint = shared_plans(plan, plans_file)
+    plans, fingerprint, training_cases = shared_plans(plan, plans_file)
     return Coordinator.open(plan, Path(state_dir), hypernet_base(plans), is_head, fingerprint, log=log,
-                            max_relative_change=max_relative_change or DEFAULT_MAX_RELATIVE_CHANGE)
+                            max_relative_change=max_relative_change or DEFAULT_MAX_RELATIVE_CHANGE,
+                            training_cases=training_cases, round_attempts=round_attempts)

@@ -90,9 +90,3 @@ def train(msg: Message, context: Context) -> Message:
     except Exception as exc:  # answered, so the coordinator logs the site's reason
         traceback.print_exc()
         return Message(messages.error_content(f"{type(exc).__name__}: {exc}", _timing(handler_start)), reply_to=msg)
-
-
-@app.query()
-def hello(msg: Message, context: Context) -> Message:
-    """Which site is this node? Asked only for nodes registered without ``--name``."""
-    return Message(messages.hello_reply(site_name(context)), reply_to=msg)

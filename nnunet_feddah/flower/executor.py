@@ -5,8 +5,10 @@ site whose SuperNode dies must be counted as missed without waiting for the dead
 comes online while the round is running should still get its job. So the loop is push → pull → look at
 the SuperLink's node table, every ``poll_s`` seconds:
 
-* a site is sent its job once its SuperNode is online (sites are named by ``flwr supernode register
-  --name``; an unnamed node is asked once with a ``query`` message, answered from its node config);
+* a site is sent its job once its SuperNode is online. A site is the node registered under its name
+  (``flwr supernode register <key> --name <site>``): the name is bound to the site's public key on the
+  SuperLink, so no other node can claim it. A node registered without a name gets no job (it would have
+  to be believed on its own word) and is logged once;
 * a reply (matched by ``reply_to_message_id``) becomes a :class:`SiteResult`, an error reply the error;
 * a message whose node went offline, or was *re-activated after the push* (a restarted SuperNode never
   sees the message its dead predecessor had taken, and Flower only reports NODE_UNAVAILABLE for nodes that
@@ -63,8 +65,7 @@ class FlowerExecutor:
     log: Callable[[str], None] = print
     poll_s: float = 1.0
     timings_file: Path | None = None
-    _named: dict[tuple[int, float], str] = field(default_factory=dict)  # node activation -> site (hello)
-    _hellos: dict[str, tuple[int, float]] = field(default_factory=dict)  # hello message id -> node activation
+    _ignored: set[int] = field(default_factory=set)  # unnamed or unknown nodes already logged
 
     def __call__(self, jobs: Mapping[str, SiteJob], deadline_s: float) -> dict[str, SiteResult | str]:
         end = time.time() + deadline_s
@@ -83,7 +84,7 @@ class FlowerExecutor:
                 pushed.update(fresh)
             self._pull(sent, results)
             self._drop_lost(sent, nodes, results)
-            if pushed and not sent and not self._hellos:
+            if pushed and not sent:
                 break  # every reachable site has answered; offline sites miss this round
             if time.time() >= end:
                 for x in sent.values():
@@ -91,7 +92,7 @@ class FlowerExecutor:
                 break
             time.sleep(self.poll_s)
         for site in jobs:
-            results.setdefault(site, "no SuperNode of this site was online during the round")
+            results.setdefault(site, "no SuperNode registered as this site was online during the round")
         return results
 
     # --- nodes ----------------------------------------------------------------------------------------
@@ -102,28 +103,18 @@ class FlowerExecutor:
                 for info in self.grid.get_nodes()}
 
     def _sites(self, nodes: Mapping[int, _Node], deadline_s: float) -> dict[str, _Node]:
-        """site → its online node; an unnamed node is asked its site name once per activation."""
-        live = {n.key for n in nodes.values()}
-        self._hellos = {mid: key for mid, key in self._hellos.items() if key in live}  # asked nodes that vanished
-        if self._hellos:
-            for reply in self.grid.pull_messages(list(self._hellos)):
-                key = self._hellos.pop(reply.metadata.reply_to_message_id, None)
-                if key is not None and not reply.has_error():
-                    self._named[key] = str(reply.content[messages.CONFIG]["site"])
+        """site → its online node, by the name registered with the node's key (newest activation wins)."""
         sites: dict[str, _Node] = {}
-        unknown = []
         for node in nodes.values():
-            name = node.name if node.name in self.site_names else self._named.get(node.key)
-            if name is None:
-                if node.key not in self._hellos.values():
-                    unknown.append(node)
-            elif name not in sites or sites[name].activated_at < node.activated_at:
-                sites[name] = node
-        if unknown:
-            msgs = [Message(messages.hello_content(), dst_node_id=n.node_id, message_type=messages.HELLO,
-                            group_id="hello", ttl=deadline_s + TTL_MARGIN_S) for n in unknown]
-            for node, mid in zip(unknown, self.grid.push_messages(msgs), strict=True):
-                self._hellos[mid] = node.key
+            if node.name not in self.site_names:
+                if node.node_id not in self._ignored:
+                    self._ignored.add(node.node_id)
+                    registered = f"as {node.name!r}" if node.name else "without a name"
+                    self.log(f"node {node.node_id} is registered {registered}, not as a site of this plan: it gets no "
+                             f"job (register the site's key with `flwr supernode register <key> --name <site>`)")
+                continue
+            if node.name not in sites or sites[node.name].activated_at < node.activated_at:
+                sites[node.name] = node
         return sites
 
     # --- messages -------------------------------------------------------------------------------------
@@ -147,12 +138,13 @@ class FlowerExecutor:
             if reply.has_error():
                 results[x.site] = f"Flower error {reply.error.code}: {reply.error.reason}"
                 continue
-            try:
+            try:  # a reply is another machine's bytes: any decoding failure is that site's missed round
                 results[x.site] = messages.result_from_content(reply.content)
-            except (KeyError, TypeError, ValueError) as exc:
+                timing = messages.timing_from_content(reply.content)
+            except Exception as exc:
                 results[x.site] = f"malformed reply: {type(exc).__name__}: {exc}"
                 continue
-            self._record_timing(x, results[x.site], messages.timing_from_content(reply.content), received)
+            self._record_timing(x, results[x.site], timing, received)
 
     def _drop_lost(self, sent: dict[str, _Sent], nodes: Mapping[int, _Node],
                    results: dict[str, SiteResult | str]) -> None:

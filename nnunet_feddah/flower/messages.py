@@ -18,12 +18,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
 
 TRAIN = "train"
-HELLO = "query"
 WEIGHTS, CONFIG, METRICS, TIMING, ERROR = "weights", "config", "metrics", "timing", "error"
 PACKED, LAYOUT = "packed:", "layout"
+
+
+class MalformedMessageError(FedDAHError, ValueError):
+    """A message whose content does not follow this module's wire format."""
 
 
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -44,16 +48,38 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`tensors_to_record`, names in their original order."""
-    layout = json.loads(record[LAYOUT].numpy().tobytes().decode())
-    flat = {key.removeprefix(PACKED): torch.from_numpy(np.array(a.numpy(), copy=True))
-            for key, a in record.items() if key.startswith(PACKED)}
+    """Inverse of :func:`tensors_to_record`, names in their original order.
+
+    The record comes from another machine, so the layout is checked completely: unique names, known
+    dtypes, non-negative shapes, and packed arrays whose lengths are exactly what the layout says.
+    Anything else raises :class:`MalformedMessageError` (the coordinator counts a missed round).
+    """
+    try:
+        layout = json.loads(record[LAYOUT].numpy().tobytes().decode())
+        flat = {key.removeprefix(PACKED): torch.from_numpy(np.array(a.numpy(), copy=True)).reshape(-1)
+                for key, a in record.items() if key.startswith(PACKED)}
+    except Exception as exc:  # missing layout, undecodable bytes, arrays numpy cannot read
+        raise MalformedMessageError(f"weights record unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(layout, list):
+        raise MalformedMessageError("weights layout is not a list")
     offsets = dict.fromkeys(flat, 0)
     out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape in layout:
+    for entry in layout:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in flat
+                and isinstance(entry[2], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                       for d in entry[2])):
+            raise MalformedMessageError(f"weights layout entry {str(entry)[:200]} is not [name, packed dtype, shape]")
+        name, dtype, shape = entry
+        if name in out:
+            raise MalformedMessageError(f"weights layout names {name!r} twice")
         size = math.prod(shape)
+        if offsets[dtype] + size > flat[dtype].numel():
+            raise MalformedMessageError(f"weights layout needs more {dtype} values than were sent (at {name!r})")
         out[name] = flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape)
         offsets[dtype] += size
+    unused = {d: flat[d].numel() - o for d, o in offsets.items() if o != flat[d].numel()}
+    if unused:
+        raise MalformedMessageError(f"packed weights hold values the layout does not place: {unused}")
     return out
 
 
@@ -113,12 +139,3 @@ def process_start_time() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, StopIteration):
         return time.time()
-
-
-def hello_content() -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"question": "site-name"})})
-
-
-def hello_reply(site: str) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"site": site})})
-

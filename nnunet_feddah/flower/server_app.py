@@ -2,56 +2,31 @@
 
 All round logic lives in :class:`~nnunet_feddah.federation.coordinator.Coordinator`; this module only wires it to a
 Flower Grid. The ServerApp's stdout is only visible through ``flwr log``, so every coordinator line is
-also appended to ``<state-dir>/coordinator.log``, which the launchers tail. A lock file keeps a second
-coordinator (e.g. an orphan of a killed launcher) off the same state folder.
+also appended to ``<state-dir>/coordinator.log``, which the launchers tail. The state folder's lock
+(:mod:`nnunet_feddah.federation.lock`) keeps a second coordinator (e.g. an orphan of a killed launcher, or an
+in-process run) off the same state folder; under ``coordinate --local`` the launcher holds it and hands
+the ServerApp its token (run-config key ``lock-token``).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from nnunet_feddah.errors import FedDAHError
-from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE
+from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, DEFAULT_ROUND_ATTEMPTS
+from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.start import open_coordinator
 from nnunet_feddah.flower import TIMINGS_FILE
 from nnunet_feddah.flower.executor import FlowerExecutor
 
-LOCK_FILE = "coordinator.lock"
-
 app = ServerApp()
-
-
-class StateBusyError(FedDAHError, RuntimeError):
-    """Another coordinator process holds the state folder."""
-
-
-@contextmanager
-def state_lock(state_dir: Path) -> Iterator[None]:
-    """Exclusive, non-blocking: two coordinators on one state folder would interleave commits."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / LOCK_FILE, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise StateBusyError(f"{state_dir / LOCK_FILE}: another coordinator (pid {fh.read().strip() or '?'}) "
-                                 f"is running on this state folder; stop it first") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        yield
 
 
 def run_config(context: Context) -> dict[str, Any]:
@@ -71,10 +46,11 @@ def main(grid: Grid, context: Context) -> None:
     log = file_logger(state_dir / COORDINATOR_LOG)
     log(f"ServerApp started: run {getattr(context, 'run_id', '?')}, pid {os.getpid()}, state {state_dir}")
     try:
-        with state_lock(state_dir):
+        with state_lock(state_dir, "flower ServerApp", str(config.get("lock-token", "")) or None, log):
             coordinator = open_coordinator(load_plan(str(config["plan"])), Path(str(config["state-dir"])),
                                            str(config.get("plans-file", "")) or None, log,
-                                           float(config.get("max-relative-change", DEFAULT_MAX_RELATIVE_CHANGE)))
+                                           float(config.get("max-relative-change", DEFAULT_MAX_RELATIVE_CHANGE)),
+                                           int(config.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)))
             if coordinator.finished:
                 log(f"nothing to do: all {coordinator.plan.total_rounds} rounds are committed in {state_dir}")
                 return

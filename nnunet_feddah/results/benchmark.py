@@ -24,6 +24,7 @@ from typing import Any
 
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.federation.coordinator import Coordinator, SiteJob, SiteResult
+from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import validate_sites
@@ -122,7 +123,7 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
     for name in strategies:
         variant = plan_for(plan, name, iterations_per_epoch)
         state = work / "states" / name
-        with open(work / f"{name}.log", "a") as coordinator_log:
+        with open(work / f"{name}.log", "a") as coordinator_log, state_lock(state, f"benchmark ({name})"):
             coordinator = Coordinator.open(variant, state, base, is_head, site.fingerprint,
                                            log=lambda line, fh=coordinator_log: print(line, file=fh, flush=True))
             resumed_finished = coordinator.finished

@@ -160,16 +160,16 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
     for j, round_index in enumerate(steps):
         strategy = checkpoint.load_strategy(files[round_index], fingerprint, is_head)
         strategy_name = strategy.name
+        trained = strategy.tasks(trained_only=True)
         for task in plan.tasks_trained_by(round_index):
             i = keys.index(task.key)
+            if task.key not in trained:  # every upload of it so far was rejected: there is no model to report
+                log(f"[evaluate] round {round_index} {task.key}: no accepted upload yet; not evaluated")
+                continue
             for site, test_set in test_sets.items():
                 if not test_set.can_evaluate(task):
                     continue
-                try:
-                    weights = strategy.weights_at_site(site, task.key)
-                except KeyError:  # every upload of the task so far was rejected: nothing to evaluate yet
-                    log(f"[evaluate] round {round_index} {task.key}: no accepted upload yet; not evaluated")
-                    break
+                weights = strategy.weights_at_site(site, task.key)
                 model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key, torch_device)
                 result = evaluate_task(test_set, model)
                 per_site[site][i, j] = result["dice"]

@@ -6,12 +6,17 @@ every task's checkpoint through nnU-Net's predictor and merges the per-task prob
 of :mod:`nnunet_feddah.results.merge` (a task claims a voxel with its argmax; highest claim wins). The output
 is one label map per case in AMOS ids, written by the plans' image writer like ``nnUNetv2_predict``.
 ``feddah_merge.json`` next to it records per case which task won how many voxels and the contested count.
+
+Every case's files are checked first (:meth:`SharedPlans.check_case`): a truncated, unreadable or 4D
+image is reported on one line, listed under ``"skipped"`` in ``feddah_merge.json`` and skipped; the
+other cases are still predicted, and the command exits 1 (2 when no case could be predicted).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from nnunet_feddah.atomic import atomic_write_json
-from nnunet_feddah.errors import run_cli
+from nnunet_feddah.errors import EXIT_FAILED, EXIT_INVALID, run_cli
 from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_under
 from nnunet_feddah.paths import CONFIGURATION
 from nnunet_feddah.results.inference import InferenceError, SharedPlans, TaskModel
@@ -50,16 +55,29 @@ def load_task_models(model_folder: Path, tasks: Sequence[str] | None, device: to
 
 def predict_folder(model_folder: os.PathLike | str, input_folder: os.PathLike | str, output_folder: os.PathLike | str,
                    tasks: Sequence[str] | None = None, device: str = "cpu", use_mirroring: bool = False,
-                   save_task_maps: bool = False, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Predict every case of ``input_folder`` with all (or the chosen) tasks and write merged label maps."""
+                   save_task_maps: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Predict every case of ``input_folder`` with all (or the chosen) tasks and write merged label maps.
+
+    A case whose files fail :meth:`SharedPlans.check_case` is logged, skipped and recorded, so one bad
+    download does not cost the rest of the folder and is never predicted from zero-filled data.
+    Returns what it writes to ``feddah_merge.json``: ``cases`` (per predicted case: voxels won per task,
+    claims, contested count, labels, seconds) and ``skipped`` (``{case: reason}``, empty when none).
+    """
     model_folder, output_folder = Path(model_folder), Path(output_folder)
     shared, models = load_task_models(model_folder, tasks, torch.device(device), use_mirroring)
-    cases = shared.input_cases(input_folder)
+    cases = shared.input_channel_files(input_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     writer = shared.reader()
     summary: dict[str, dict] = {}
-    for case, files in cases.items():
+    skipped: dict[str, str] = {}
+    for case, channel_files in cases.items():
         start = time.perf_counter()
+        problem = shared.check_case(case, channel_files)
+        if problem:
+            skipped[case] = problem
+            log(f"[predict] {case}: skipped, {problem}")
+            continue
+        files = [channel_files[i] for i in range(shared.input_channels)]
         image = shared.prepare(case, files)
         probabilities = {}
         for model in models:
@@ -75,10 +93,12 @@ def predict_folder(model_folder: os.PathLike | str, input_folder: os.PathLike | 
                          "seconds": round(time.perf_counter() - start, 2)}
         log(f"[predict] {case}: {len(models)} task(s), labels {summary[case]['labels']}, contested voxels "
             f"{merged.contested} ({summary[case]['seconds']:.1f} s)")
-    atomic_write_json(output_folder / MERGE_LOG, {
+    record = {
         "rule": "each task claims its argmax organ; unclaimed = background; highest claim probability wins",
-        "model_folder": str(model_folder.resolve()), "tasks": [m.name for m in models], "cases": summary})
-    return summary
+        "model_folder": str(model_folder.resolve()), "tasks": [m.name for m in models], "cases": summary,
+        "skipped": skipped}
+    atomic_write_json(output_folder / MERGE_LOG, record)
+    return record
 
 
 def _write_seg(writer, labels: np.ndarray, path: Path, properties: dict) -> None:
@@ -122,9 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-maps", action="store_true", help="also write each task's own label map under tasks/")
     args = parser.parse_args(argv)
 
-    def run() -> None:
-        predict_folder(resolve_model_folder(args), args.input, args.output, args.tasks, args.device,
-                       args.mirroring, args.task_maps)
+    def run() -> int | None:
+        record = predict_folder(resolve_model_folder(args), args.input, args.output, args.tasks, args.device,
+                                args.mirroring, args.task_maps)
+        skipped = record["skipped"]
+        if not skipped:
+            return None
+        log = Path(args.output) / MERGE_LOG
+        if not record["cases"]:
+            print(f"nnfeddah predict: error: none of the {len(skipped)} case(s) could be predicted (reasons above "
+                  f"and under 'skipped' in {log}). Fix: replace those files", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"nnfeddah predict: {len(skipped)} case(s) skipped ({', '.join(skipped)}; reasons above and under "
+              f"'skipped' in {log}), {len(record['cases'])} predicted. Fix: replace those files and re-run",
+              file=sys.stderr)
+        return EXIT_FAILED
 
     return run_cli("nnfeddah predict", run)
 

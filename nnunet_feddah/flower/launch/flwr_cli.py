@@ -111,8 +111,10 @@ class FlwrCli:
         return {int(n["node-id"]): str(n.get("status", "")) for n in self.nodes()}
 
     # --- runs -----------------------------------------------------------------------------------------
-    def run(self, app_dir: Path, config: Mapping[str, Any]) -> int:
-        return int(self("run", str(app_dir), FEDERATION, "--run-config", config_arg(config), timeout=300)["run-id"])
+    def run(self, app: Path | str, config: Mapping[str, Any]) -> int:
+        """``flwr run``: ``app`` is a folder (packed by the CLI, unsigned) or ``@publisher/name==x.y.z``
+        (fetched and verified by the SuperLink: the only kind a SuperNode with trusted entities runs)."""
+        return int(self("run", str(app), FEDERATION, "--run-config", config_arg(config), timeout=300)["run-id"])
 
     def status(self, run_id: int) -> str:
         return str(self("ls", "--run-id", str(run_id))["runs"][0]["status"])

@@ -1,7 +1,13 @@
-"""A whole federation on this machine: TLS SuperLink, one authenticated SuperNode per site, one ``flwr run``.
+"""A whole federation on this machine: TLS SuperLink, one authenticated SuperNode per site, one signed app.
+
+The SuperNodes run only apps signed with this federation's key (``--trusted-entities``), and the launcher
+hands the SuperLink its app signed, through a loopback stand-in for the Flower Hub
+(:class:`~.remote.SignedAppServer`): the Control API has no authentication in open-source Flower 1.41, so
+a run another local user submits reaches the SuperNodes but none of its code runs there.
 
 Everything lives under the state folder, so a crashed launcher can be started again on it and resume:
-``pki/`` (CA, server certificate, site keys — same keys, same node ids), ``flower/superlink.db``
+``pki/`` (CA, server certificate, site keys — same keys, same node ids — and the app-signing key; owner
+only), ``flower/superlink.db``
 (registrations survive), ``flower/home/*`` (private FLWR_HOMEs; ``~/.flwr`` is never touched),
 ``flower/logs/`` and ``launcher.json`` (the launch id and pids, so the next launcher ends the previous
 one's leftovers and stops its unfinished run before starting a new one). SuperNodes that exit are
@@ -27,8 +33,8 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.flower.launch import procs
 from nnunet_feddah.flower.launch.flwr_cli import FINISHED, FlwrCli, flower_env, venv_bin
 from nnunet_feddah.flower.launch.logtail import LogTail, stamped
-from nnunet_feddah.flower.launch.pki import Pki, ensure_pki
-from nnunet_feddah.flower.launch.remote import stage_app, watch_run
+from nnunet_feddah.flower.launch.pki import Pki, ensure_pki, sign_fab, write_private
+from nnunet_feddah.flower.launch.remote import SignedAppServer, build_fab, stage_app, watch_run
 from nnunet_feddah.flower.launch.supernode import node_config, supernode_command
 
 LAUNCH_FILE = "launcher.json"
@@ -59,6 +65,7 @@ class LocalFederation:
         self.run_id: int | None = None
         self.cli: FlwrCli | None = None
         self.pki: Pki | None = None
+        self.app: SignedAppServer | None = None
         self._lock = None
         self._closing = False
 
@@ -76,14 +83,19 @@ class LocalFederation:
         t0 = time.time()
         self.pki = ensure_pki(self.state / "pki", self.plan.site_names)
         self.timings["pki_s"] = time.time() - t0
+        self._serve_signed_app()
         t0 = time.time()
         port = procs.free_port()
         address = f"127.0.0.1:{port}"
+        # --host 127.0.0.1: the Fleet, Control and Runtime APIs share this one port (1.41 ignores
+        # --control-api-address), so loopback keeps the unauthenticated Control API off the network.
         self._spawn("superlink", [
             str(venv_bin() / "flower-superlink"), "--ssl-certfile", str(self.pki.server_cert),
             "--ssl-keyfile", str(self.pki.server_key), "--ssl-ca-certfile", str(self.pki.ca_cert),
             "--database", str(self.flower / "superlink.db"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)])
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
+            {"FLWR_SUPERGRID_API_URL": self.app.url, "NO_PROXY": "127.0.0.1,localhost",
+             "no_proxy": "127.0.0.1,localhost"})
         self._wait(lambda: procs.https_ready(f"https://{address}/", self.pki.ca_cert), 60, "the SuperLink")
         self.timings["superlink_start_s"] = time.time() - t0
         self.cli = FlwrCli(self.flower / "home" / "cli", address, self.pki.ca_cert)
@@ -101,6 +113,15 @@ class LocalFederation:
         self.log("local federation up: SuperLink " + address + ", sites " + ", ".join(
             f"{s} (node {self.node_ids.get(s, '?')})" for s in self.plan.site_names) + " | start-up " + ", ".join(
             f"{k} {v:.1f}s" for k, v in self.timings.items()))
+
+    def _serve_signed_app(self) -> None:
+        """Pack the app, sign it with ``pki/app_signing_key`` and serve it to the SuperLink on loopback."""
+        t0 = time.time()
+        fab = build_fab(stage_app(self.flower / "app"))
+        verification = sign_fab(fab, self.pki.signing_key)
+        write_private(self.flower / "app.fab", fab)  # what the sites were asked to run, for the record
+        self.app = SignedAppServer(fab, verification).start()
+        self.timings["sign_app_s"] = time.time() - t0
 
     def _take_lock(self, wait_s: float = 30.0) -> None:
         """One launcher per state folder; waits a little for a dead launcher's guardian to finish tearing down."""
@@ -132,7 +153,7 @@ class LocalFederation:
             node_id = self.cli.register(self.pki.site_public_key(site), site)
             if node_id is not None:
                 known[site] = node_id
-        ids_file.write_text(json.dumps(known, indent=1))
+        write_private(ids_file, json.dumps(known, indent=1))
         self.node_ids = {s: int(v) for s, v in known.items() if s in self.plan.site_names}
 
     def _all_online(self) -> bool:
@@ -161,7 +182,7 @@ class LocalFederation:
         assert self.cli is not None and self.pki is not None
         cmd = supernode_command(self.cli.address, self.pki.ca_cert, self.pki.site_key(site),
                                 node_config(site, Path(self.plan.source), self.work, self.device),
-                                procs.free_port(), max_retries=3)
+                                procs.free_port(), max_retries=3, trusted_entities=self.pki.trusted_entities)
         threads = str(max(1, (os.cpu_count() or 1) // len(self.plan.site_names)))  # sites share these cores
         self._spawn(f"supernode-{site}", cmd, {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)})
         self.restarts[site] = time.time()
@@ -202,6 +223,8 @@ class LocalFederation:
             if name in self.procs:
                 procs.end_process(self.procs.pop(name))
         procs.end_marked(self.launch_id, grace_s=2)
+        if self.app is not None:
+            self.app.close()
         if self._guardian is not None:
             self._guardian.stdin.close()  # the guardian finds nothing left and exits
             try:
@@ -219,13 +242,13 @@ class LocalFederation:
 
     # --- the run --------------------------------------------------------------------------------------
     def run(self, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
-        """``flwr run`` the app with this federation's config; returns the final run status."""
-        assert self.cli is not None
+        """``flwr run`` the signed app with this federation's config; returns the final run status."""
+        assert self.cli is not None and self.app is not None
         config = {"plan": str(Path(self.plan.source).resolve()), "state-dir": str(self.state),
                   "work-dir": str(self.work), "device": self.device, **self.extra_config}
         tail = LogTail(self.state / COORDINATOR_LOG)
         started = time.time()
-        self.run_id = self.cli.run(stage_app(self.flower / "app"), config)
+        self.run_id = self.cli.run(self.app.app_spec, config)
         self._write_launch_file()
         self.log(f"flwr run: run {self.run_id} submitted in {time.time() - started:.1f}s")
         status = watch_run(self.cli, self.run_id, tail, self.supervise, poll_s, timeout_s)
