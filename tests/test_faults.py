@@ -232,7 +232,6 @@ def test_an_inflated_case_count_cannot_take_over_fedavg(tmp_path, base):
     jobs = coordinator.jobs(1)
     results = synthetic_executor(jobs, 0)
     results["b"].metrics["num_training_cases"] = 10 ** 9
-    before = strategy_bytes(coordinator)
     summary = coordinator.apply(1, jobs, results)
     assert summary.sites["b"]["status"] == "rejected" and "declares only 5" in summary.sites["b"]["reason"]
     after = strategy_bytes(coordinator)
