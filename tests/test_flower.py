@@ -14,8 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array
 
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
@@ -100,6 +102,14 @@ class FakeGrid:
                 self._reply(mid, messages.result_content(_result(job), {"handler_start": 1.0, "handler_end": 2.0}))
             elif answer == "error":
                 self._reply(mid, None, error=SimpleNamespace(code=5, reason="Node Unavailable"))
+            elif answer == "malformed":  # a reply whose layout promises more values than it carries
+                job, _ = messages.job_from_content(m.content)
+                content = messages.result_content(_result(job), {})
+                layout = json.loads(content[messages.WEIGHTS][messages.LAYOUT].numpy().tobytes())
+                layout[0][2] = [10 ** 6]
+                content[messages.WEIGHTS][messages.LAYOUT] = Array(
+                    ndarray=np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy())
+                self._reply(mid, content)
         return ids
 
     def _reply(self, mid: str, content, error=None) -> None:
@@ -149,6 +159,15 @@ def test_executor_error_reply_and_unnamed_node(task_identity):
     assert results["b"].startswith("Flower error 5")
     assert [m.metadata.dst_node_id for _, m in grid.pushed] == [12]  # the unnamed nodes got nothing
     assert sum("node 11 is registered without a name" in line for line in lines) == 1
+
+
+def test_executor_counts_a_malformed_reply_as_a_missed_round(task_identity):
+    """Issue 16: a malformed weight layout raised an exception the executor did not catch (round crashed)."""
+    grid = FakeGrid({11: "a", 12: "b"})
+    grid.behave["b"] = "malformed"
+    results, _ = _run(grid)
+    assert isinstance(results["a"], SiteResult)
+    assert results["b"].startswith("malformed reply: MalformedMessageError")
 
 
 def test_executor_node_lost_or_restarted_mid_round(task_identity):

@@ -157,11 +157,11 @@ def read_committed(state_dir: os.PathLike | str, verify: bool = True) -> Committ
         raise CheckpointError(f"{path} is not valid JSON ({exc}). {_recovery(state_dir)}") from exc
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise CheckpointError(f"{path}: field 'format' is {found!r}, expected {RECORD_FORMAT!r}")
+        raise CheckpointError(f"{path}: field 'format' is {found!r}, expected {RECORD_FORMAT!r}. {_recovery(state_dir)}")
     missing = [k for k in ("round", "strategy_file", "architecture_fingerprint", "history") if k not in record]
     if missing:
-        raise CheckpointError(f"{path}: field(s) {missing} missing; not a complete commit record. Restore it from a "
-                              f"backup or start a new state folder")
+        raise CheckpointError(f"{path}: field(s) {missing} missing; not a complete commit record. "
+                              f"{_recovery(state_dir)}")
     if not (state_dir / record["strategy_file"]).is_file():
         raise CheckpointError(f"{path}: field 'strategy_file' names {record['strategy_file']}, which is missing. "
                               f"{_recovery(state_dir)}")

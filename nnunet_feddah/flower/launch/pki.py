@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import ipaddress
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -31,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from nnunet_feddah.atomic import atomic_write_bytes
 
 DAYS = 365
 FOLDER_MODE = 0o700
@@ -92,17 +93,7 @@ def _new_folder(folder: Path) -> None:
 def write_private(path: Path, data: bytes | str) -> Path:
     """Write ``path`` atomically, mode 0600 from the first byte (no window in which others can read it)."""
     _new_folder(path.parent)
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data, FILE_MODE)
     return path
 
 
