@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -67,12 +67,13 @@ def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
     return plan
 
 
-def run_in_process(plan: FederationPlan, state: Path, work: Path, args: argparse.Namespace) -> bool:
+def run_in_process(plan: FederationPlan, state: Path, work: Path, args: argparse.Namespace,
+                   log: Callable[[str], None]) -> bool:
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.federation.start import open_coordinator
 
-    coordinator = open_coordinator(plan, state, log=file_logger(state / COORDINATOR_LOG),
-                                   max_relative_change=args.max_relative_change, round_attempts=args.round_attempts)
+    coordinator = open_coordinator(plan, state, log=log, max_relative_change=args.max_relative_change,
+                                   round_attempts=args.round_attempts)
     coordinator.run(InProcessExecutor(plan, work, args.device))
     return coordinator.finished
 
@@ -150,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.in_process or args.local:  # a deployment's ServerApp takes the lock on its own host
-            with state_lock(state, mode, log=file_logger(state / COORDINATOR_LOG)) as lock:
-                ok = (run_in_process(plan, state, work, args) if args.in_process
+            log = file_logger(state / COORDINATOR_LOG)
+            with state_lock(state, mode, log=log) as lock:
+                ok = (run_in_process(plan, state, work, args, log) if args.in_process
                       else run_local(plan, state, work, args, lock))
         else:
             ok = run_deployment(plan, args)
