@@ -48,6 +48,8 @@ class LocalTraining:
     initial_lr: float = 1e-2
     max_validation_cases: int | None = None
     device_augmentation: bool = False  # nnU-Net's augmentation on the training device (docs/AUGMENTATION.md)
+    optimizer: str = "sgd"  # "sgd" (nnU-Net's default) or "adamw" (nnU-Net's nnUNetTrainerAdam recipe)
+    lr_schedule: str = "federation"  # "federation": one poly curve over the site's stream; "per-task": one per task
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,19 @@ class FederationPlan:
         """Local epochs the site has trained before this round, so the poly LR continues across rounds."""
         return self.site(site).rounds_trained_before(round_number) * self.local.epochs
 
+    def lr_position(self, site: SiteRef, round_number: int) -> tuple[int, int]:
+        """``(epoch_offset, total_epochs)`` of a round on its poly learning-rate curve.
+
+        ``federation``: one curve over the site's whole stream (a second task starts part-way down it);
+        ``per-task``: every task of the stream gets its own curve over its ``rounds_per_step`` rounds, so a
+        new task starts at ``initial_lr`` again (see docs/TRAINER.md for the measurement behind the choice).
+        """
+        s = self.site(site)
+        if self.local.lr_schedule == "per-task":
+            done = s.rounds_trained_before(round_number) % s.rounds_per_step
+            return done * self.local.epochs, s.rounds_per_step * self.local.epochs
+        return self.global_epoch_offset(s, round_number), self.total_epochs
+
     def round_settings(self, site: SiteRef, round_number: int) -> dict[str, Any] | None:
         """The plan's part of a site's :class:`RoundConfig` for one round (None when the site is idle).
 
@@ -185,11 +200,14 @@ class FederationPlan:
         task = self.task_for(s, round_number)
         if task is None:
             return None
+        local = asdict(self.local)
+        del local["lr_schedule"]  # the plan's choice; the round gets its position on the curve
+        offset, total = self.lr_position(s, round_number)
         return {
             "task": task.key,
-            **asdict(self.local),
-            "epoch_offset": self.global_epoch_offset(s, round_number),
-            "total_epochs": self.total_epochs,
+            **local,
+            "epoch_offset": offset,
+            "total_epochs": total,
             "seed": self.seed + 1000 * round_number + self.sites.index(s),
         }
 
@@ -232,10 +250,11 @@ class FederationPlan:
 
 
 def _local_json(local: LocalTraining) -> dict[str, Any]:
-    """The local section; an unset ``device_augmentation`` is left out so older plans keep their plan hash."""
+    """The local section; options left at their defaults are left out so older plans keep their plan hash."""
     out = asdict(local)
-    if not out["device_augmentation"]:
-        del out["device_augmentation"]
+    for name, default in (("device_augmentation", False), ("optimizer", "sgd"), ("lr_schedule", "federation")):
+        if out[name] == default:
+            del out[name]
     return out
 
 

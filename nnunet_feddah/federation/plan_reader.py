@@ -37,8 +37,11 @@ TOP_FIELDS = {"name": True, "plans_identifier": True, "sites": True, "rounds_per
               "nnunet_root": False}
 SITE_FIELDS = {"name": True, "dataset": True, "stream": True, "join_round": False, "rounds_per_step": False,
                "nnunet_root": False}
+#: Local-training options with a fixed set of values (the first is the default).
+LOCAL_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("federation", "per-task")}
 LOCAL_FIELDS = {"epochs": True, "iterations_per_epoch": True, "val_iterations_per_epoch": False,
-                "initial_lr": False, "max_validation_cases": False, "device_augmentation": False}
+                "initial_lr": False, "max_validation_cases": False, "device_augmentation": False,
+                "optimizer": False, "lr_schedule": False}
 STRATEGY_FIELDS = {"name": True, "params": False}
 
 
@@ -153,6 +156,15 @@ def _suggest(spec: Any) -> str:
     return f". Fix: did you mean {guess!r}?" if fixed and guess != spec else ""
 
 
+def _choice(reader: _Reader, local: Mapping, name: str, options: Sequence[str]) -> str | None:
+    """One of ``options`` for ``local.<name>`` (default: the first); a problem naming the choices otherwise."""
+    value = local.get(name, options[0])
+    if value not in options:
+        reader.problem(f"local.{name}", f"must be one of {list(options)}, got {value!r}")
+        return None
+    return value
+
+
 def _parse_site(reader: _Reader, raw: Any, i: int, default_rps: int | None,
                 default_root: Path | None) -> SitePlan | None:
     path = f"sites[{i}]"
@@ -209,8 +221,11 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
         device_augmentation = raw_local.get("device_augmentation", False)
         if not isinstance(device_augmentation, bool):
             reader.problem("local.device_augmentation", f"must be true or false, got {device_augmentation!r}")
-        elif None not in values.values():  # a bad max_validation_cases is reported; the plan is refused anyway
-            local = LocalTraining(**values, max_validation_cases=max_val, device_augmentation=device_augmentation)
+        choices = {name: _choice(reader, raw_local, name, options) for name, options in LOCAL_CHOICES.items()}
+        if isinstance(device_augmentation, bool) and None not in values.values() and None not in choices.values():
+            # a bad max_validation_cases is reported; the plan is refused anyway
+            local = LocalTraining(**values, max_validation_cases=max_val, device_augmentation=device_augmentation,
+                                  **choices)
 
     strategy = None
     raw_strategy = data.get("strategy")

@@ -21,6 +21,7 @@ from nnunet_feddah.organs import Task, UnknownOrganError
 
 ENV_VAR = "FEDDAH_ROUND_CONFIG"
 DEVICE_AUGMENTATION_ENV = "FEDDAH_DEVICE_AUGMENTATION"
+OPTIMIZERS = ("sgd", "adamw")  # nnU-Net's default SGD; AdamW as nnU-Net's nnUNetTrainerAdam builds it
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -39,6 +40,8 @@ class RoundConfig:
     the round's task key); with neither, nnU-Net's random initialisation is used.
     ``device_augmentation`` runs nnU-Net's training augmentation on the training device on whole batches
     instead of in CPU workers (see docs/AUGMENTATION.md; ``$FEDDAH_DEVICE_AUGMENTATION`` overrides it).
+    ``optimizer`` is ``sgd`` (nnU-Net's SGD, Nesterov momentum 0.99) or ``adamw`` (nnU-Net's own
+    ``nnUNetTrainerAdam`` recipe: AdamW with AMSGrad); docs/TRAINER.md has the measurement behind each.
     """
 
     task: str
@@ -57,6 +60,7 @@ class RoundConfig:
     max_validation_cases: int | None = None
     seed: int | None = None
     device_augmentation: bool = False
+    optimizer: str = "sgd"
     source: str = "<in-memory>"
 
     @property
@@ -106,6 +110,9 @@ class RoundConfig:
         if self.hypernet_task is not None and not (isinstance(self.hypernet_task, str) and self.hypernet_task):
             raise RoundConfigError(f"{where}: field 'hypernet_task' must be a non-empty task key, "
                                    f"got {self.hypernet_task!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise RoundConfigError(f"{where}: field 'optimizer' must be one of {list(OPTIMIZERS)}, "
+                                   f"got {self.optimizer!r}")
         if not isinstance(self.device_augmentation, bool):
             raise RoundConfigError(f"{where}: field 'device_augmentation' must be true or false, "
                                    f"got {self.device_augmentation!r}")

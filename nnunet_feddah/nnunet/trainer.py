@@ -7,7 +7,8 @@ or the file named by ``$FEDDAH_ROUND_CONFIG`` under ``nnUNetv2_train``):
   (unique tensors, checked against the architecture and the task's organs);
 * train only the task's organs: outputs are background + task organs, labels are remapped on the fly
   in front of nnU-Net's augmentation and foreground oversampling looks at the task's organs only;
-* run the round's epochs/iterations on the federation-wide poly learning-rate curve;
+* run the round's epochs/iterations at its place on a poly learning-rate curve, with nnU-Net's SGD or
+  (``optimizer: adamw``) the AdamW of nnU-Net's own ``nnUNetTrainerAdam``;
 * optionally (``device_augmentation`` / ``$FEDDAH_DEVICE_AUGMENTATION``) run nnU-Net's training augmentation
   on the training device on whole batches: the loader workers then only crop and remap labels;
 * write the trained unique tensors and a metrics JSON (per-organ validation Dice, loss, times).
@@ -126,6 +127,9 @@ class FedDAHTrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
+        if self.round_config and self.round_config.optimizer == "adamw":  # nnUNetTrainerAdam's optimizer
+            optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                          weight_decay=self.weight_decay, amsgrad=True)
         if self.round_config:
             scheduler = OffsetPolyLRScheduler(optimizer, self.initial_lr, self.round_config.lr_horizon,
                                               self.round_config.epoch_offset)
