@@ -3,7 +3,8 @@
 Holds: :mod:`.dahyper` (task embeddings -> per-layer codes -> generated weights), :mod:`.amr` (the server
 update ``L_task + β·L_R`` and the similarity weight W_s), :mod:`.hypernet_file` (DAHyper checkpoints),
 :mod:`.strategy` (the abstract :class:`~.strategy.Strategy` every server strategy obeys), one module per
-strategy family (:mod:`.feddah`, :mod:`.fedavg`) and :mod:`.registry` (names, aliases, ablations, how a
+strategy family (:mod:`.feddah`, :mod:`.fedavg`), :mod:`.donor` (which trained task a new task starts
+from, shared by FedDAH and the donor-initialised per-task baseline) and :mod:`.registry` (names, aliases, ablations, how a
 strategy is made, saved and loaded).
 
 May import: torch, numpy, safetensors, the standard library and the base modules of ``nnunet_feddah``

@@ -4,7 +4,8 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
 
 * **Task never seen** → register a new embedding ``z_T ~ N(μ_z, σ²)`` and allocate it: its first weights
   are those of the registered task sharing most organs (organ-keyed head rows are reused per organ), so
-  a site starting a new task starts from what the federation knows.
+  a site starting a new task starts from what the federation knows (the rule is
+  :mod:`nnunet_feddah.method.donor`, shared with the ``fedavg-per-task-donor`` baseline).
 * **Task already registered, upload from a new source** (another site, or a later time step) → W_s from
   a Jensen–Shannon divergence between the task's historical weights and the upload; the target is
   ``W* = W_s·W_hist + (1 − W_s)·W_up`` (similar → more weight on history). Consecutive rounds of the same
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nnunet_feddah.method.dahyper import DAHyper, Unit
+from nnunet_feddah.method.dahyper import DAHyper
+from nnunet_feddah.method.donor import FittedTask, donor_start
 
 SOLVERS = ("closed_form", "adam")
 
@@ -124,31 +126,17 @@ class AMR:
         start = time.perf_counter()
         hyper = self.hyper
         record = hyper.register(key, organs, round_index)
-        donor = self._donor(record.organs, exclude=key)
-        if donor is None:  # nothing learned yet: the new task generates the base (G is still zero)
+        allocation = donor_start(record.organs, self.fitted_tasks(exclude=key), hyper.generate, hyper.base,
+                                 [u.name for u in hyper.units if u.kind == "head"])
+        if allocation is None:  # nothing learned yet: the new task generates the base (G is still zero)
             return self._report(key, True, False, None, None, 0.0, 0, start, {}, {}, None)
-        target = hyper.generate(donor)
-        donor_slots = hyper.tasks[donor].output_slots
-        for unit in hyper.units:
-            if unit.kind == "head":
-                rows = [self._organ_row(unit, organ, donor, donor_slots, target) for organ in record.output_slots]
-                target[unit.name] = torch.stack(rows)
+        _, target = allocation
         return self._fit(key, target, target, new_task=True, start=start)
 
-    def _donor(self, organs: Sequence[int], exclude: str) -> str | None:
-        fitted = [t for t in self.hyper.tasks.values() if t.key != exclude and t.rounds_seen]
-        if not fitted:
-            return None
-        return max(fitted, key=lambda t: (len(set(t.organs) & set(organs)), max(t.rounds_seen))).key
-
-    def _organ_row(self, unit: Unit, organ: int, donor: str, donor_slots: list[int],
-                   donor_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if organ in donor_slots:
-            return donor_weights[unit.name][donor_slots.index(organ)]
-        for task in self.hyper.tasks.values():  # an organ learned in another task keeps its row
-            if task.rounds_seen and organ in task.output_slots:
-                return self.hyper.generate(task.key)[unit.name][task.output_slots.index(organ)]
-        return self.hyper.base[unit.name][organ]
+    def fitted_tasks(self, exclude: str | None = None) -> list[FittedTask]:
+        """The tasks a new one may start from (an upload was fitted), in registration order."""
+        return [FittedTask(t.key, tuple(t.organs), max(t.rounds_seen)) for t in self.hyper.tasks.values()
+                if t.key != exclude and t.rounds_seen]
 
     # ------------------------------------------------------------------ recalibration
     def update(self, key: str, upload: Mapping[str, torch.Tensor], *, round_index: int | None = None,

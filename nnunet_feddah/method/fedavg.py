@@ -3,10 +3,13 @@
 * ``fedavg`` — one shared model averaged over every upload of the round (weighted by training cases);
   head rows averaged per organ. The classic baseline: it forgets.
 * ``fedavg-per-task`` — FedAvg separately per task: one full model copy per task (no forgetting, T× memory).
+* ``fedavg-per-task-donor`` — ``fedavg-per-task`` whose new task starts from the donor FedDAH would
+  choose (its own model of that task) with FedDAH's per-organ head rows (:mod:`.donor`), not from the
+  untrained base: the fair per-task reference for FedDAH's allocation.
 * ``local`` — every site keeps its own model per task; no sharing at all.
 
-The three differ only in which model an upload is averaged into (:meth:`OrganKeyedStrategy.model_name`)
-and, for ``local``, whose model a site evaluates.
+They differ only in which model an upload is averaged into (:meth:`OrganKeyedStrategy.model_name`),
+for ``local`` in whose model a site evaluates, and for ``fedavg-per-task-donor`` in where a task starts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.strategy import (
     IsHead,
     Strategy,
@@ -126,9 +130,13 @@ class OrganKeyedStrategy(Strategy):
         base = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("__base__/")}
         strategy = cls(base, is_head)
         strategy.store.load(tensors, info["models"])
-        strategy.last_trained = dict(info["last_trained"])
-        strategy.organs_by_task = {k: list(v) for k, v in info["organs_by_task"].items()}
+        strategy.load_info(info)
         return strategy
+
+    def load_info(self, info: Mapping[str, Any]) -> None:
+        """Restore the JSON-able part of :meth:`state` (subclasses extend it with their own fields)."""
+        self.last_trained = dict(info["last_trained"])
+        self.organs_by_task = {k: list(v) for k, v in info["organs_by_task"].items()}
 
 
 class FedAvgStrategy(OrganKeyedStrategy):
@@ -147,6 +155,66 @@ class PerTaskFedAvgStrategy(OrganKeyedStrategy):
 
     def model_name(self, site: str, task: str) -> str:
         return f"task:{task}"
+
+
+class DonorPerTaskFedAvgStrategy(PerTaskFedAvgStrategy):
+    """Per-task FedAvg whose new task starts where FedDAH's allocation would put it, from its own models.
+
+    The first time a task is asked for (or uploaded), its model is the donor task's model — the fitted
+    task sharing most organs, ties to the most recently fitted — with head rows per organ from the donor,
+    else another fitted task that has the organ, else the base (:func:`~.donor.donor_start`, the rule
+    :meth:`~nnunet_feddah.method.amr.AMR.allocate` uses). Without a fitted task it starts from the base.
+    Head rows of organ slots the task does not have stay the base's (they are never sent or averaged).
+    """
+
+    name = "fedavg-per-task-donor"
+
+    def __init__(self, base: Mapping[str, torch.Tensor], is_head: IsHead) -> None:
+        super().__init__(base, is_head)
+        self.last_round: dict[str, int] = {}  # task -> most recent round an upload of it was averaged in
+        self.donors: dict[str, str | None] = {}  # task -> the task it started from (None: the base)
+
+    def weights_for(self, site: str, task: str, organs: Sequence[int], round_index: int) -> Tensors:
+        self._start(task, organs)
+        return super().weights_for(site, task, organs, round_index)
+
+    def update(self, uploads: Sequence[Upload], round_index: int) -> list[dict[str, Any]]:
+        for upload in uploads:  # an upload of a task never asked for still starts from its donor
+            self._start(upload.task, upload.organs)
+        reports = super().update(uploads, round_index)
+        for upload, report in zip(uploads, reports, strict=True):
+            self.last_round[upload.task] = max(self.last_round.get(upload.task, round_index), round_index)
+            report["started_from"] = self.donors[upload.task]
+        return reports
+
+    def _start(self, task: str, organs: Sequence[int]) -> None:
+        if task in self.organs_by_task:
+            return
+        fitted = [FittedTask(key, tuple(self.organs_by_task[key]), self.last_round[key])
+                  for key in self.organs_by_task if key in self.last_round]
+        self.organs_by_task[task] = list(organs)
+        allocation = donor_start(organs, fitted, lambda key: self.store.task_view(self.model_name("", key),
+                                                                                  self.organs_by_task[key]),
+                                 self.store.base, self.store.heads)
+        self.donors[task] = None if allocation is None else allocation[0]
+        if allocation is None:
+            return
+        model = self.store.model(self.model_name("", task))
+        slots = task_slots(organs)
+        for key, tensor in allocation[1].items():
+            if key in self.store.heads:
+                model[key][slots] = tensor
+            else:
+                model[key] = tensor.clone()
+
+    def state(self) -> tuple[Tensors, dict[str, Any]]:
+        tensors, info = super().state()
+        return tensors, {**info, "last_round": self.last_round, "donors": self.donors}
+
+    def load_info(self, info: Mapping[str, Any]) -> None:
+        super().load_info(info)
+        self.last_round = {k: int(v) for k, v in info["last_round"].items()}
+        self.donors = dict(info["donors"])
 
 
 class LocalStrategy(OrganKeyedStrategy):

@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from nnunet_feddah.method.fedavg import FedAvgStrategy, LocalStrategy, PerTaskFedAvgStrategy
+from nnunet_feddah.method.fedavg import (
+    DonorPerTaskFedAvgStrategy,
+    FedAvgStrategy,
+    LocalStrategy,
+    PerTaskFedAvgStrategy,
+)
 from nnunet_feddah.method.feddah import FedDAHStrategy
 from nnunet_feddah.method.hypernet_file import FORMAT as HYPERNET_FORMAT
 from nnunet_feddah.method.strategy import IsHead, Strategy, StrategyFileError, read_strategy_metadata
@@ -24,6 +29,7 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "feddah": FedDAHStrategy,
     "fedavg": FedAvgStrategy,
     "fedavg-per-task": PerTaskFedAvgStrategy,
+    "fedavg-per-task-donor": DonorPerTaskFedAvgStrategy,
     "local": LocalStrategy,
 }
 FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
