@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("nnunet_feddah.results.predict", "run every exported task on images and merge into one AMOS label map"),
     "evaluate": ("nnunet_feddah.results.evaluate", "Dice matrix over time steps, forgetting, BWT, report.json + plots of a "
                                            "coordinator state"),
+    "compare": ("nnunet_feddah.results.compare", "replay a finished federation under another strategy (default fedavg) "
+                                                 "and show both side by side"),
 }
 
 

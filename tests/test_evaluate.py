@@ -89,15 +89,17 @@ def _fake_result(dice: float) -> tuple[dict, dict]:
 
 
 def test_report_json_matches_its_schema(tmp_path):
-    path = write_report(tmp_path, {"feddah": _fake_result(0.8), "fedavg": _fake_result(0.6)}, "phantom-bench", 0)
+    path = write_report(tmp_path, {0: {"feddah": _fake_result(0.8), "fedavg": _fake_result(0.6)}}, "phantom-bench")
     report = json.loads(path.read_text())
     assert check_report(report) == []
-    assert set(report) >= {"strategies", "stream", "seed"} and report["stream"] == "phantom-bench"
+    assert set(report) >= {"strategies", "stream", "seeds", "seed"} and report["stream"] == "phantom-bench"
+    assert report["seeds"] == [0] and report["seed"] == 0
     entry = report["strategies"]["feddah"]
     assert set(entry) >= {"final_mean_dice", "forgetting", "bwt", "dice_matrix", "server_bytes", "server_update_s",
-                          "wall_s", "bytes_per_site_round"}
+                          "wall_s", "bytes_per_site_round", "per_seed", "ci95", "n_seeds"}
+    assert "paired_vs_feddah" in report["strategies"]["fedavg"] and "paired_vs_feddah" not in entry
     assert entry["dice_matrix"]["values"][1][0] is None
-    assert "| feddah | 0.750 | +0.100 | -0.100 | 0.00 (5.0) |" in (tmp_path / "report.md").read_text()
+    assert "| feddah | 1 | 0.750 | +0.100 | -0.100 | 0.00 (5.0) |" in (tmp_path / "report.md").read_text()
     for png in ("dice_matrix_feddah.png", "dice_matrix_fedavg.png", "dice_over_time.png", "strategy_comparison.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     broken = json.loads(path.read_text())
@@ -106,12 +108,13 @@ def test_report_json_matches_its_schema(tmp_path):
     problems = check_report(broken)
     assert any("fedavg.server_bytes" in p for p in problems) and any("feddah.dice_matrix" in p for p in problems)
     with pytest.raises(ValueError, match="schema"):
-        build_report({"x": ({**_fake_result(0.5)[0], "dice_matrix": {"tasks": ["a"], "steps": [1], "values": []}},
-                            _fake_result(0.5)[1])}, "s", 0)
+        build_report({0: {"x": ({**_fake_result(0.5)[0], "dice_matrix": {"tasks": ["a"], "steps": [1], "values": []}},
+                                _fake_result(0.5)[1])}}, "s")
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg", "fedavg-per-task", "local")
+STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg", "fedavg-per-task",
+              "fedavg-per-task-donor", "local")
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +133,8 @@ def mini_bench(phantom_federation, tmp_path_factory) -> dict:
     }, "mini.json")
     tmp = tmp_path_factory.mktemp("bench")
     lines: list[str] = []
-    report = run_benchmark(plan, STRATEGIES, tmp / "work", tmp / "report", log=lines.append)
-    return {"plan": plan, "report": json.loads(report.read_text()), "out": tmp / "report", "work": tmp / "work",
+    report = run_benchmark(plan, STRATEGIES, [3], tmp / "bench", tmp / "report", phantom=False, log=lines.append)
+    return {"plan": plan, "report": json.loads(report.read_text()), "out": tmp / "report", "work": tmp / "bench" / "seed_3",
             "lines": lines, "fed": fed, "tmp": tmp}
 
 
@@ -141,8 +144,11 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
 
     report, work = mini_bench["report"], mini_bench["work"]
     assert check_report(report) == []
-    assert list(report["strategies"]) == list(STRATEGIES) and report["stream"] == "mini" and report["seed"] == 3
+    assert list(report["strategies"]) == [*STRATEGIES, "centralized"] and report["stream"] == "mini"
+    assert report["seeds"] == [3]
     for name, entry in report["strategies"].items():
+        if name == "centralized":
+            continue
         assert checkpoint.read_committed(work / "states" / name).round == 2, name
         matrix = entry["dice_matrix"]
         assert matrix["tasks"] == ["liver", "spleen", "kidneys"] and matrix["steps"] == [1, 2]
@@ -158,7 +164,12 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
     assert report["replayed_jobs"] >= (len(STRATEGIES) - 1) * 2
     per_task = report["strategies"]["fedavg-per-task"]["server_bytes"]
     assert per_task == pytest.approx(4 * report["strategies"]["fedavg"]["server_bytes"] / 2, rel=0.01)  # 3 models+base
-    evaluation = json.loads((mini_bench["out"] / "feddah" / "evaluation.json").read_text())
+    # the centralized reference: one model per task on the pooled cases, as many iterations as the federation spent
+    central = report["strategies"]["centralized"]
+    assert central["forgetting"] is None and central["dice_matrix"]["steps"] == [2]
+    assert central["per_seed"]["3"]["task_iterations"] == {"liver": 24, "spleen": 12, "kidneys": 12}
+    assert 0 <= central["final_mean_dice"] <= 1 and "headline" in report
+    evaluation = json.loads((mini_bench["out"] / "seed_3" / "feddah" / "evaluation.json").read_text())
     assert set(evaluation["details"]["r2"]["kidneys"]) == {"a", "b"}
     assert (mini_bench["out"] / "strategy_comparison.png").is_file()
 

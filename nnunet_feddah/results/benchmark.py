@@ -29,8 +29,12 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.method.registry import STRATEGIES
+from nnunet_feddah.nnunet.datasets import nnunet_folders
+from nnunet_feddah.paths import nnunet_env
+from nnunet_feddah.results.fcl_metrics import nanmean
+from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
 
-QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task")
+QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task-donor")
 
 
 def job_key(job: SiteJob) -> str:
@@ -74,17 +78,25 @@ class ReplayingExecutor:
         return results
 
 
-def plan_for(plan: FederationPlan, strategy: str, iterations_per_epoch: int | None = None) -> FederationPlan:
-    """The benchmark plan with another strategy (and optionally another number of iterations per epoch)."""
+def plan_for(plan: FederationPlan, strategy: str, iterations_per_epoch: int | None = None,
+             seed: int | None = None) -> FederationPlan:
+    """The benchmark plan with another strategy (and optionally other iterations per epoch / another seed)."""
     data = plan.to_json()
     data["strategy"] = {"name": strategy, "params": {}}
     if iterations_per_epoch is not None:
         data["local"]["iterations_per_epoch"] = int(iterations_per_epoch)
-    return parse_plan(data, f"{plan.source} [{strategy}]")
+    if seed is not None:
+        data["seed"] = int(seed)
+    return parse_plan(data, f"{plan.source} [{strategy}, seed {data['seed']}]")
 
 
-def prepare_phantom_sites(plan: FederationPlan, log: Callable[[str], None] = print) -> None:
-    """Write the phantom datasets the plan names (consecutive ids) and install the shared CPU plans, once."""
+def prepare_phantom_sites(plan: FederationPlan, num_test: int = 4, log: Callable[[str], None] = print) -> None:
+    """Write the phantom datasets the plan names (consecutive ids, cohort seed = plan seed) and install the
+    shared CPU plans, once; into the nnU-Net folders of the environment.
+
+    Every site annotates exactly the organs of its stream (partially labelled hospital data), so a task is
+    evaluated, and pooled for the centralized reference, at the sites that train it.
+    """
     from nnunet_feddah.data import phantom
     from nnunet_feddah.nnunet import shared_plans
 
@@ -94,34 +106,101 @@ def prepare_phantom_sites(plan: FederationPlan, log: Callable[[str], None] = pri
     raw, preprocessed = (Path(os.environ[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed"))
     if not all(any(raw.glob(f"Dataset{i:03d}_*")) for i in ids):
         start = time.perf_counter()
-        phantom.write_cohort(raw, num_sites=len(ids), num_train=6, num_test=2, seed=plan.seed, first_dataset_id=ids[0])
-        log(f"[bench] phantom cohort {ids}: {time.perf_counter() - start:.0f} s")
+        by_id = {int(s.dataset): s for s in plan.sites}
+        annotated = {n + 1: "+".join(t.key for t in by_id[i].stream) for n, i in enumerate(ids)}
+        phantom.write_cohort(raw, num_sites=len(ids), num_train=6, num_test=num_test, seed=plan.seed,
+                             annotated=annotated, first_dataset_id=ids[0])
+        log(f"[bench] phantom cohort {ids} (seed {plan.seed}): {time.perf_counter() - start:.0f} s")
     if not all(any(preprocessed.glob(f"Dataset{i:03d}_*/{plan.plans_identifier}.json")) for i in ids):
         start = time.perf_counter()
         shared_plans.install(ids, template="cpu", num_processes=2, log=lambda *_: None)
         log(f"[bench] shared plans + preprocessing: {time.perf_counter() - start:.0f} s")
 
 
-def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, out: Path,
-                  iterations_per_epoch: int | None = None, device: str = "cpu",
-                  log: Callable[[str], None] = print, **report_extra: Any) -> Path:
-    """Run, evaluate and report every strategy; returns the report.json path. Resumes finished strategies."""
+def task_iterations(plan: FederationPlan) -> dict[str, int]:
+    """Training iterations the federation spends on each task: site-rounds × epochs × iterations per epoch."""
+    per_round = plan.local.epochs * plan.local.iterations_per_epoch
+    spent: dict[str, int] = {}
+    for round_number in range(1, plan.total_rounds + 1):
+        for task in plan.active_sites(round_number).values():
+            spent[task.key] = spent.get(task.key, 0) + per_round
+    return spent
+
+
+def run_centralized(plan: FederationPlan, work: Path, device: str = "cpu", first_pooled_id: int = 950,
+                    log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The centralized reference of one seed: per task one nnU-Net on the pooled cases of its annotating
+    sites for the iterations the federation spent on it, evaluated on every site's held-out cases.
+
+    Returns ``(evaluation, stats)`` shaped like a strategy's, with one time step (the end of the stream)
+    and no forgetting/BWT (the reference never learns tasks one after another). Resumes from its JSON.
+    """
+    import torch
+
+    from nnunet_feddah.results.centralized import train_centralized
+    from nnunet_feddah.results.evaluate import evaluate_task, load_test_set
+    from nnunet_feddah.results.inference import TaskModel
+
+    done = work / "centralized.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        return saved["evaluation"], saved["stats"]
+    started = time.perf_counter()
+    test_sets = {s: load_test_set(plan, s, log=lambda *_: None) for s in plan.site_names}
+    iterations = task_iterations(plan)
+    final, per_site, train_s, model_bytes = {}, {}, 0.0, 0
+    for index, task in enumerate(plan.tasks):
+        weights, metrics = train_centralized(plan, task.key, iterations[task.key], dataset_id=first_pooled_id + index,
+                                             work_dir=work, seed=plan.seed, device=device)
+        train_s += metrics["wall_time_s"]["train"]
+        model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        scores = {}
+        for site, test_set in test_sets.items():
+            if test_set.can_evaluate(task):
+                model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key,
+                                               torch.device(device))
+                scores[site] = evaluate_task(test_set, model)["dice"]
+        per_site[task.key] = scores
+        final[task.key] = nanmean(list(scores.values()))
+        log(f"[bench] centralized {task.key:<9} {iterations[task.key]} it on {metrics['pooled_sites']}: "
+            f"Dice {final[task.key]:.3f}")
+    keys = [t.key for t in plan.tasks]
+    last_step = plan.time_steps[-1]
+    evaluation = {
+        "final_mean_dice": nanmean(list(final.values())), "forgetting": None, "bwt": None,
+        "dice_matrix": {"tasks": keys, "steps": [last_step], "values": [[final[k]] for k in keys]},
+        "per_site": {site: {"tasks": keys, "steps": [last_step],
+                            "values": [[per_site[k].get(site)] for k in keys]} for site in test_sets},
+        "old_tasks": [], "final_dice": final, "seconds": time.perf_counter() - started,
+    }
+    stats = {"server_bytes": model_bytes * len(keys), "server_update_s": 0.0, "wall_s": train_s,
+             "bytes_per_site_round": 0, "site_rounds": 0, "rounds": 0, "task_iterations": iterations}
+    atomic_write_json(done, {"evaluation": evaluation, "stats": stats})
+    return evaluation, stats
+
+
+def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: Path, device: str = "cpu",
+             centralized: bool = True, phantom: bool = True, counts: dict[str, int] | None = None,
+             log: Callable[[str], None] = print) -> dict[str, tuple[dict, dict]]:
+    """Every strategy (and the centralized reference) on one seed; resumes finished runs.
+
+    ``phantom``: write this seed's phantom cohort first (else the plan's sites must already exist).
+    ``counts`` receives the numbers of site rounds trained and replayed.
+    """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
     from nnunet_feddah.results.evaluate import evaluate_state, run_stats, write_evaluation
-    from nnunet_feddah.results.report import format_metric, markdown_table, write_report
+    from nnunet_feddah.results.report import format_metric
 
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    started = time.perf_counter()
+    if phantom:
+        prepare_phantom_sites(plan, log=log)
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
     executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device))
-    results = {}
+    results: dict[str, tuple[dict, dict]] = {}
     work.mkdir(parents=True, exist_ok=True)
     for name in strategies:
-        variant = plan_for(plan, name, iterations_per_epoch)
+        variant = plan_for(plan, name)
         state = work / "states" / name
         with open(work / f"{name}.log", "a") as coordinator_log, state_lock(state, f"benchmark ({name})"):
             coordinator = Coordinator.open(variant, state, base, is_head, site.fingerprint,
@@ -131,7 +210,7 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
         evaluation = evaluate_state(variant, state, device, log=lambda *_: None)
-        write_evaluation(out / name, evaluation)
+        write_evaluation(out / f"seed_{plan.seed}" / name, evaluation)
         stats = run_stats(state)
         wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
         if not resumed_finished:
@@ -140,18 +219,53 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], work: Path, o
             stats["wall_s"] = json.loads(wall_file.read_text())["wall_s"]
         stats["evaluation_s"] = evaluation["seconds"]
         results[name] = (evaluation, stats)
-        log(f"[bench] {name:<17} final Dice {format_metric(evaluation['final_mean_dice'])} forgetting "
-            f"{format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run {run_s:.0f} s "
-            f"(+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation {evaluation['seconds']:.0f} s")
-    report = write_report(out, results, plan.name, plan.seed, iterations_per_epoch=variant.local.iterations_per_epoch,
-                          epochs=variant.local.epochs, device=device, trained_jobs=executor.trained,
-                          replayed_jobs=executor.replayed, bench_wall_s=time.perf_counter() - started, **report_extra)
+        log(f"[bench] seed {plan.seed} {name:<21} final Dice {format_metric(evaluation['final_mean_dice'])} "
+            f"forgetting {format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run "
+            f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation "
+            f"{evaluation['seconds']:.0f} s")
+    if centralized:
+        results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, device, log=log)
+    if counts is not None:
+        counts["trained_jobs"] = counts.get("trained_jobs", 0) + executor.trained
+        counts["replayed_jobs"] = counts.get("replayed_jobs", 0) + executor.replayed
+    return results
+
+
+def run_benchmark(plan: FederationPlan, strategies: Sequence[str], seeds: Sequence[int], work: Path, out: Path,
+                  iterations_per_epoch: int | None = None, device: str = "cpu", centralized: bool = True,
+                  phantom: bool = True, log: Callable[[str], None] = print, **report_extra: Any) -> Path:
+    """Run, evaluate and report every strategy over every seed; returns the report.json path.
+
+    With ``phantom`` each seed has its own nnU-Net folders under ``work/seed_<s>`` (a phantom cohort drawn
+    with that seed, training seeds derived from it), so seeds share neither data nor training; without it
+    every seed trains on the plan's existing sites and only the training seeds change. Finished runs resume.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    started = time.perf_counter()
+    results_by_seed, counts = {}, {}
+    for seed in seeds:
+        seed_plan = plan_for(plan, plan.strategy.name, iterations_per_epoch, seed)
+        seed_work = work / f"seed_{seed}"
+        with nnunet_folders(nnunet_env(seed_work) if phantom else None):
+            results_by_seed[seed] = run_seed(seed_plan, strategies, seed_work, out, device, centralized, phantom,
+                                             counts, log)
+    report = write_report(out, results_by_seed, plan.name, iterations_per_epoch=seed_plan.local.iterations_per_epoch,
+                          epochs=seed_plan.local.epochs, device=device, bench_wall_s=time.perf_counter() - started,
+                          **counts, **report_extra)
     log(markdown_table(json.loads(report.read_text())))
     return report
 
 
 def check_targets(report: Mapping[str, Any]) -> list[str]:
-    """The issue's targets as PASS/FAIL lines (only those whose strategies were run)."""
+    """The issue's targets as PASS/FAIL lines (only those whose strategies were run).
+
+    Reads the per-strategy means over seeds of :mod:`nnunet_feddah.results.report` (kept under the metric
+    keys); the intervals and paired differences are in the report table, not in these lines.
+    """
     s = report["strategies"]
     lines = []
 

@@ -207,8 +207,12 @@ def run_stats(state_dir: os.PathLike | str) -> dict[str, Any]:
     history = committed.history
     any_task = next(iter(_trained_tasks(history)), None)
     model_bytes = sum(t.numel() * t.element_size() for t in strategy.task_weights(any_task).values()) if any_task else 0
-    site_rounds = sum(1 for h in history for line in h["sites"].values() if line["status"] == "accepted")
+    accepted = [line for h in history for line in h["sites"].values() if line["status"] == "accepted"]
+    site_rounds = len(accepted)
+    lost = [line["update"]["update_lost"] for line in accepted if "update_lost" in line.get("update", {})]
     return {
+        # mean share of a site's change that the weights sent next no longer contain (issue 13 tracks it)
+        "update_lost_mean": float(sum(lost) / len(lost)) if lost else None,
         "server_bytes": int(strategy.bytes_held()),
         "server_update_s": float(sum(h.get("update_s", 0.0) for h in history)),
         "wall_s": float(sum(h.get("seconds", 0.0) + h.get("checkpoint_s", 0.0) for h in history)),
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = run_stats(args.state)
         out = Path(args.out)
         write_evaluation(out, evaluation)
-        report = write_report(out, {evaluation["strategy"]: (evaluation, stats)}, plan.name, plan.seed)
+        report = write_report(out, {plan.seed: {evaluation["strategy"]: (evaluation, stats)}}, plan.name)
         metrics = ", ".join(f"{label} {format_metric(evaluation[key])}" for key, label in (
             ("final_mean_dice", "final mean Dice"), ("forgetting", "forgetting"), ("bwt", "BWT")))
         print(f"[evaluate] {evaluation['strategy']}: {metrics} ({evaluation['seconds']:.1f} s); wrote {report}")
