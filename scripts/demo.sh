@@ -2,8 +2,10 @@
 # The main job on a fresh machine: install (idempotent), write the AMOS-like phantom cohort (4 sites), give
 # every site the shared CPU plans and preprocess, then run the whole FedDAH federation of
 # plans/phantom_4site.json over real Flower processes on 127.0.0.1 (TLS, authenticated SuperNodes) to the end
-# of every site's task stream, then evaluate every task after every time step (Dice matrix, forgetting,
-# BWT, plots). Everything lands in ./work/demo (or $FEDDAH_WORK); re-running it resumes.
+# of every site's task stream, evaluate every task after every time step (Dice matrix, forgetting, BWT,
+# plots), and finally replay the same stream in-process under FedAvg (site rounds identical for both are
+# not trained again) to show what FedAvg forgets of the old tasks. Everything lands in ./work/demo (or
+# $FEDDAH_WORK); re-running it resumes.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
@@ -14,17 +16,22 @@ export PATH="$repo/.venv/bin:$PATH"
 eval "$(nnfeddah env --root "$work")"
 start=$(date +%s)
 
-echo "== 1/4 phantom cohort: 4 sites -> $nnUNet_raw"
+echo "== 1/5 phantom cohort: 4 sites -> $nnUNet_raw"
 nnfeddah phantom --out "$nnUNet_raw" --sites 4 --train 6 --test 2 --seed 0 --first-id 501
 
-echo "== 2/4 shared plans (FedDAHPlansCPU) + nnU-Net preprocessing for every site"
+echo "== 2/5 shared plans (FedDAHPlansCPU) + nnU-Net preprocessing for every site"
 nnfeddah plans install --template cpu -d 501 502 503 504
 
-echo "== 3/4 federation: $plan (FedDAH, Flower on loopback)"
+echo "== 3/5 federation: $plan (FedDAH, Flower on loopback)"
 python -m nnunet_feddah.coordinate --plan "$plan" --state "$work/state" --work "$work/sites" --local
 
-echo "== 4/4 evaluation: every task after every time step on each site's held-out cases -> $work/eval"
+echo "== 4/5 evaluation: every task after every time step on each site's held-out cases -> $work/eval"
 nnfeddah evaluate --plan "$plan" --state "$work/state" --out "$work/eval"
 cat "$work/eval/report.md"
 
+echo "== 5/5 the same stream under FedAvg (in-process; identical site rounds replayed) -> $work/fedavg"
+nnfeddah compare --plan "$plan" --state "$work/state" --sites-work "$work/sites" --out "$work/fedavg" \
+  --evaluation "$work/eval/evaluation.json"
+
 echo "demo finished in $(( $(date +%s) - start )) s (work folder: $work)"
+echo "plots: $work/eval/*.png   FedDAH vs FedAvg: $work/fedavg/comparison.json"

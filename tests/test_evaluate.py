@@ -288,3 +288,21 @@ def test_evaluate_cli_writes_the_report_and_refuses_another_plan(mini_bench, tmp
     plan_file.write_text(json.dumps(other))
     assert evaluate_main(["--plan", str(plan_file), "--state", str(state), "--out", str(tmp_path / "x")]) == 2
     assert "plan_hash" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_replays_the_identical_round_and_trains_the_rest(mini_bench, tmp_path):
+    from nnunet_feddah.results.benchmark import plan_for
+    from nnunet_feddah.results.compare import compare, format_comparison
+
+    plan = plan_for(mini_bench["plan"], "feddah")
+    work = mini_bench["work"]
+    result = compare(plan, work / "states" / "feddah", work / "sites", tmp_path / "cmp", "fedavg", log=lambda *_: None)
+    # round 1 (both sites, liver, the same initial network) is replayed from the first run's round folders;
+    # round 2 starts from FedAvg's own average, so it is trained again
+    assert result["replayed"] == 2 and result["trained_here"] == 2
+    assert result["old_tasks"] == ["liver"] and set(result["final_dice"]) == {"feddah", "fedavg"}
+    matrix = mini_bench["report"]["strategies"]["feddah"]["dice_matrix"]
+    assert result["final_dice"]["feddah"]["liver"] == pytest.approx(matrix["values"][0][-1])  # the same state
+    assert (tmp_path / "cmp" / "comparison.json").is_file()
+    assert "| liver (old) |" in format_comparison(result)

@@ -61,8 +61,13 @@ def uploads_on_disk(plan: FederationPlan, sites_work: Path) -> dict[str, SiteRes
 
 
 def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path, strategy: str = "fedavg",
-            device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``strategy`` on ``plan`` in-process (replaying identical site jobs), evaluate both states."""
+            device: str = "cpu", first_evaluation: Path | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``strategy`` on ``plan`` in-process (replaying identical site jobs), evaluate both states.
+
+    ``first_evaluation``: the first state's ``evaluation.json`` (``nnfeddah evaluate``), reused when it
+    belongs to that state instead of evaluating it again.
+    """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
     from nnunet_feddah.results.evaluate import evaluate_state
@@ -70,6 +75,7 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
     if not (first_state / "checkpoint.json").is_file():
         raise ComparisonError(f"--state {first_state}: no checkpoint.json; run the federation into it first")
     started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
     executor = ReplayingExecutor(InProcessExecutor(plan, out / "sites", device))
@@ -82,7 +88,8 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
         coordinator.run(executor)
     log(f"[compare] {strategy}: {executor.trained} site rounds trained here, {executor.replayed} replayed from "
         f"{sites_work}")
-    first = evaluate_state(plan, first_state, device, log=lambda *_: None)
+    first = _saved_evaluation(first_evaluation, first_state) or evaluate_state(plan, first_state, device,
+                                                                               log=lambda *_: None)
     second = evaluate_state(variant, state, device, log=lambda *_: None)
     result = {"strategies": [plan.strategy.name, strategy], "old_tasks": first["old_tasks"],
               "final_dice": {plan.strategy.name: first["final_dice"], strategy: second["final_dice"]},
@@ -92,9 +99,16 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
                                      for n, e in ((plan.strategy.name, first), (strategy, second))},
               "trained_here": executor.trained, "replayed": executor.replayed,
               "seconds": time.perf_counter() - started}
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / COMPARISON_FILE, result)
     return result
+
+
+def _saved_evaluation(path: Path | None, state: Path) -> dict[str, Any] | None:
+    """An evaluation.json of ``state`` (None when absent or written for another state folder)."""
+    if path is None or not Path(path).is_file():
+        return None
+    saved = json.loads(Path(path).read_text())
+    return saved if saved.get("state") == str(Path(state).resolve()) else None
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -128,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites-work", required=True, help="the first run's site work folder (round folders)")
     parser.add_argument("--out", required=True, help="folder for the second strategy's state, sites and result")
     parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--evaluation", help="the first run's evaluation.json (nnfeddah evaluate), reused if it is "
+                                             "of --state")
     parser.add_argument("-device", "--device", default="cpu")
     args = parser.parse_args(argv)
 
     def run() -> None:
         result = compare(load_plan(args.plan), Path(args.state), Path(args.sites_work), Path(args.out),
-                         args.strategy, args.device)
+                         args.strategy, args.device, Path(args.evaluation) if args.evaluation else None)
         print(format_comparison(result))
         print(f"[compare] {Path(args.out) / COMPARISON_FILE} ({result['seconds']:.0f} s)")
 
