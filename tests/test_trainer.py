@@ -127,6 +127,28 @@ def test_label_remapping_is_exact_voxel_by_voxel(phantom_federation):
     assert set(focused) == {1, 2, 6} and len(properties["class_locations"]) == 15
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_round_config_chooses_the_optimizer_on_the_offset_poly_curve(phantom_federation, tmp_path, monkeypatch,
+                                                                      optimizer):
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer, OffsetPolyLRScheduler
+
+    fed, site = phantom_federation, phantom_federation["full"]
+    monkeypatch.setenv("FEDDAH_ROUND_CONFIG", str(_round(tmp_path, task="liver", optimizer=optimizer,
+                                                         initial_lr=3e-3, epoch_offset=1, total_epochs=2)))
+    dataset_json = json.loads((fed["root"] / "nnUNet_preprocessed" / site / "dataset.json").read_text())
+    trainer = FedDAHTrainer(_plans(fed, site) | {"continue_training": False}, "3d_fullres", 0, dataset_json,
+                            torch.device("cpu"))
+    trainer.initialize()
+    expected = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    assert type(trainer.optimizer) is expected
+    assert isinstance(trainer.lr_scheduler, OffsetPolyLRScheduler) and trainer.lr_scheduler.optimizer is trainer.optimizer
+    if optimizer == "adamw":  # nnU-Net's nnUNetTrainerAdam: AMSGrad, the trainer's weight decay
+        group = trainer.optimizer.param_groups[0]
+        assert group["amsgrad"] and group["weight_decay"] == trainer.weight_decay
+    trainer.lr_scheduler.step(0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * (1 - 1 / 2) ** 0.9)
+
+
 def test_training_batches_only_contain_task_labels(phantom_federation, tmp_path, monkeypatch):
     from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
