@@ -28,6 +28,7 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key, plan_for
+from nnunet_feddah.results.stats import mean_ci95
 
 COMPARISON_FILE = "comparison.json"
 
@@ -95,7 +96,7 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
               "final_dice": {plan.strategy.name: first["final_dice"], strategy: second["final_dice"]},
               "final_mean_dice": {plan.strategy.name: first["final_mean_dice"], strategy: second["final_mean_dice"]},
               "forgetting": {plan.strategy.name: first["forgetting"], strategy: second["forgetting"]},
-              "old_task_mean_dice": {n: _mean([e["final_dice"][t] for t in first["old_tasks"]])
+              "old_task_mean_dice": {n: mean_ci95([e["final_dice"][t] for t in first["old_tasks"]])[0]
                                      for n, e in ((plan.strategy.name, first), (strategy, second))},
               "trained_here": executor.trained, "replayed": executor.replayed,
               "seconds": time.perf_counter() - started}
@@ -109,11 +110,6 @@ def _saved_evaluation(path: Path | None, state: Path) -> dict[str, Any] | None:
         return None
     saved = json.loads(Path(path).read_text())
     return saved if saved.get("state") == str(Path(state).resolve()) else None
-
-
-def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None]
-    return sum(finite) / len(finite) if finite else None
 
 
 def format_comparison(result: Mapping[str, Any]) -> str:
