@@ -53,7 +53,7 @@ from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ
 
 GENERATOR = "nnunet_feddah.phantom"  # written into dataset.json: kept across module moves so older folders are still recognised
 #: Reference voxel spacing (z, y, x) per cohort size; sites scale it by 1.0-1.2 (z) and 1.0-1.15 (in-plane).
-SIZE_SPACING: dict[str, tuple[float, float, float]] = {"cpu": (5.0, 4.0, 4.0), "large": (2.5, 1.8, 1.8)}
+SIZE_SPACING: dict[str, tuple[float, float, float]] = {"cpu": (8.0, 6.0, 6.0), "large": (2.5, 1.8, 1.8)}
 #: Matrix of a cpu-size case at the reference spacing (site 1); other sites cover the same FOV_MM.
 DEFAULT_SHAPE: tuple[int, int, int] = fov_shape(SIZE_SPACING["cpu"])
 HU_RANGE = (-1024, 3071)

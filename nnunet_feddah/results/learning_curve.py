@@ -39,8 +39,8 @@ class CurveSettings:
 
     organs: tuple[str, ...] = ("kidneys", "liver", "spleen", "pancreas")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    iterations: int = 600
-    chunk: int = 100
+    iterations: int = 900
+    chunk: int = 300
     optimizer: str = "adamw"
     initial_lr: float = 3e-3
     num_train: int = 8
