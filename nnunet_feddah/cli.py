@@ -11,6 +11,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ext-trainer-path": ("nnunet_feddah.paths", "print the folder to put in nnUNet_extTrainer"),
     "phantom": ("nnunet_feddah.data.phantom", "write the AMOS-like phantom cohort as nnU-Net raw datasets"),
     "plans": ("nnunet_feddah.nnunet.shared_plans", "install a shared plans template into every site and preprocess"),
+    "fingerprint": ("nnunet_feddah.nnunet.federated_fingerprint", "a site's releasable dataset statistics, or the "
+                                                                  "merge of every site's into one nnU-Net fingerprint"),
     "amos": ("nnunet_feddah.data.amos", "convert an extracted AMOS22 download into FedDAH site datasets (+ shared plans)"),
     "export": ("nnunet_feddah.results.export", "write every task of a coordinator state as an nnU-Net results folder "
                                        "(nnUNetv2_predict ... -chk <task>.pth)"),

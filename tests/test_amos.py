@@ -5,7 +5,7 @@ an AMOS-style dataset.json (AMOS's own label spellings, ``arota`` included), AMO
 ids above 500 that nnU-Net's conversion must drop as MRI.
 
 The end-to-end test installs the *CPU* plans template: the AMOS template's 64x160x160 patch at
-2x0.71x0.71 mm is far larger than the ~64x85x96 phantom images (preprocessing would resample them to
+2x0.71x0.71 mm is far larger than the ~40x57x64 phantom images (preprocessing would resample them to
 ~160x480x540 voxels, minutes per case here). The AMOS template is exercised on the converted sites
 through :func:`shared_plans.plans_from_template`, which fills it from the same fingerprint.
 """
