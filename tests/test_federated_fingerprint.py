@@ -264,3 +264,45 @@ def test_template_plans_from_the_merged_fingerprint(scanner_sites: dict, tmp_pat
     fingerprint_file.write_text("{}")
     with pytest.raises(shared_plans.SharedPlansError, match="field 'spacings' is missing"):
         shared_plans.read_fingerprint(fingerprint_file)
+
+
+def test_a_site_with_a_single_labelled_case_refuses(scanner_sites: dict):
+    """One case's sums and histogram would be that case's own figures: not released."""
+    raw = scanner_sites["raw"]
+    single = raw / "Dataset787_FedDAHSingleCase"
+    if single.exists():
+        shutil.rmtree(single)
+    shutil.copytree(raw / scanner_sites["names"][0], single)
+    for kind in ("imagesTr", "labelsTr"):
+        for f in sorted((single / kind).iterdir())[1:]:
+            f.unlink()
+    with pytest.raises(FingerprintError, match="only 1 training case"):
+        site_statistics(787, log=lambda *_: None)
+
+
+def test_nnunets_planner_on_the_merged_fingerprint_plans_like_on_the_pooled_dataset(scanner_sites: dict, capsys):
+    """A free plan: nnU-Net's default planner, equal to its plans for the pooled dataset but for the intensities."""
+    import contextlib
+    import io
+
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+
+    from nnunet_feddah.nnunet.federated_fingerprint import plan_federated
+
+    merged = merge_statistics({n: site_statistics(n, log=lambda *_: None) for n in scanner_sites["names"]})
+    ours = plan_federated(merged, "Dataset786_FedDAHFederatedPlan", log=lambda *_: None)
+    extract_fingerprint_dataset(POOLED, num_processes=2, check_dataset_integrity=False, clean=True, verbose=False,
+                                show_progress_bar=False)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_n_proc_DA", "1")  # nnU-Net's planner sets torch threads to it (0 in our CPU defaults)
+        pooled = ExperimentPlanner(scanner_sites["pooled"]).plan_experiment()
+    key = "foreground_intensity_properties_per_channel"
+    strip = lambda p: json.loads(json.dumps({k: v for k, v in p.items() if k not in (key, "dataset_name")}))  # noqa: E731
+    assert strip(ours) == strip(pooled)
+    assert ours["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
+    for stat in ("mean", "std", "median", "percentile_00_5", "percentile_99_5"):
+        assert abs(ours[key]["0"][stat] - pooled[key]["0"][stat]) <= 1.5 + merged["report"]["0"]["error_bound"].get(
+            stat, 0.0), stat
+    with pytest.raises(FingerprintError, match="a real dataset"):
+        plan_federated(merged, scanner_sites["names"][0], log=lambda *_: None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +45,8 @@ from nnunet_feddah.errors import FedDAHError
 SITE_FORMAT = "nnunet-feddah-site-fingerprint/1"
 MERGED_FORMAT = "nnunet-feddah-merged-fingerprint/1"
 DEFAULT_MIN_COUNT = 10
+#: Fewest cases with foreground a site releases statistics of: one case's sums would be that case's own figures.
+MIN_CASES = 2
 #: nnU-Net's fingerprint percentiles (``DatasetFingerprintExtractor``): 0.5, 50 (median), 99.5.
 PERCENTILES = {"percentile_00_5": 0.5, "median": 50.0, "percentile_99_5": 99.5}
 #: Exactly what a site statistics file holds, written into it so a site's data officer can check it.
@@ -56,7 +59,7 @@ CONTENTS = (
     "mean of squares (every case weighs the same, as in nnU-Net's fingerprint)",
     "channels.<i>.histogram: [first_bin, stop_bin, voxels, case_mass] runs on the grid; every non-empty run holds "
     "at least min_count voxels (smaller bins merged with a neighbour); empty runs are released as 0, 0",
-    "dataset: labels, channel_names, file_ending and numTraining of dataset.json",
+    "dataset: labels, channel_names, file_ending and numTraining of dataset.json, nnU-Net's image reader class",
 )
 
 
@@ -95,7 +98,8 @@ class IntensityGrid:
         return grid
 
 
-#: CT: 1 HU bins centred on integer HU over the full CT range -1024 .. 3071 (percentile error <= 1 HU).
+#: CT: 1 HU bins centred on integer HU over the full CT range -1024 .. 3071 (percentile error <= 1 HU where the
+#: privacy guard merged no bin).
 CT_GRID = IntensityGrid(low=-1024.5, width=1.0, bins=4096)
 
 
@@ -218,6 +222,11 @@ def site_statistics(dataset: str | int, grid: IntensityGrid = CT_GRID, min_count
             means[c] += float(v64.mean())
             squares[c] += float(np.square(v64).mean())
             with_foreground[c] += 1
+    for c, k in enumerate(channels):
+        if with_foreground[c] < MIN_CASES:
+            raise FingerprintError(f"{raw}: only {with_foreground[c]} training case(s) with foreground in channel "
+                                   f"{k!r}; statistics of fewer than {MIN_CASES} cases would be one case's own "
+                                   f"figures, so this site cannot take part (label more cases)")
     stats = {
         "format": SITE_FORMAT, "dataset_name": name, "contents": list(CONTENTS), "min_count": int(min_count),
         "grid": asdict(grid),
@@ -228,8 +237,8 @@ def site_statistics(dataset: str | int, grid: IntensityGrid = CT_GRID, min_count
                               "histogram": [[a, b, n, float(masses[c][a:b].sum())]
                                             for a, b, n in release_histogram(counts[c], min_count)]}
                      for c, k in enumerate(channels)},
-        "dataset": {k: dataset_json[k] for k in ("labels", "channel_names", "file_ending", "numTraining")
-                    if k in dataset_json},
+        "dataset": {**{k: dataset_json[k] for k in ("labels", "channel_names", "file_ending", "numTraining")
+                       if k in dataset_json}, "image_reader_writer": reader_class.__name__},
     }
     log(f"[fingerprint] {name}: {len(spacings)} cases, "
         + ", ".join(f"channel {c} {v['voxels']} foreground voxels in {len(v['histogram'])} bins"
@@ -311,7 +320,7 @@ def merge_statistics(statistics: Mapping[str, Mapping[str, Any]]) -> dict[str, A
             if IntensityGrid.from_json(stats[key], where) != grid:
                 raise FingerprintError(f"{where}: field 'grid' {stats[key]} differs from {first_where}'s "
                                        f"{first[key]}; every site must use the same grid")
-        for key in ("labels", "channel_names"):
+        for key in ("labels", "channel_names", "file_ending", "image_reader_writer"):
             if stats["dataset"].get(key) != first["dataset"].get(key):
                 raise FingerprintError(f"{where}: field 'dataset.{key}' differs from {first_where}'s; the sites "
                                        f"must describe the same task ({stats['dataset'].get(key)} vs "
@@ -347,8 +356,66 @@ def merge_statistics(statistics: Mapping[str, Mapping[str, Any]]) -> dict[str, A
     fingerprint = {"spacings": spacings, "shapes_after_crop": shapes,
                    "foreground_intensity_properties_per_channel": properties,
                    "median_relative_size_after_cropping": float(np.median(relative))}
+    dataset = {**first["dataset"], "numTraining": sum(int(stats["cases"]["count"]) for _, stats in items)}
     return {"format": MERGED_FORMAT, "fingerprint": fingerprint, "report": report,
-            "sites": [where for where, _ in items], "dataset": first["dataset"]}
+            "sites": [where for where, _ in items], "dataset": dataset,
+            "cases_per_site": [int(stats["cases"]["count"]) for _, stats in items]}
+
+
+PLANNING_MARKER = "feddah_planning_dataset"
+
+
+def plan_federated(merged: Mapping[str, Any], dataset_name: str, plans_name: str = "nnUNetPlans",
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """nnU-Net's own ``ExperimentPlanner`` on the merged fingerprint: a free plan for the union of the sites.
+
+    The planner reads a raw ``dataset.json`` and a ``dataset_fingerprint.json``; the coordinator has no images,
+    so ``dataset_name`` (``DatasetNNN_Name``) is a *planning dataset*: its ``dataset.json`` describes the union
+    (labels, channels, file ending, numTraining = every site's cases, nnU-Net's ``dataset`` key naming each
+    case by site — the files stay at the sites and are never opened; the reader is the one the sites used),
+    and its fingerprint is the merged one. Returns the plans; they go to the sites with
+    ``nnfeddah plans install --plans-file``.
+    """
+    import contextlib
+    import io
+
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    from nnunet_feddah.paths import require_nnunet_env
+
+    if not dataset_name.startswith("Dataset") or not dataset_name[7:10].isdigit():
+        raise FingerprintError(f"planning dataset {dataset_name!r}: use nnU-Net's DatasetNNN_Name form")
+    folders = require_nnunet_env("nnUNet_raw", "nnUNet_preprocessed")
+    raw = folders["nnUNet_raw"] / dataset_name
+    if (raw / "dataset.json").is_file() and PLANNING_MARKER not in json.loads((raw / "dataset.json").read_text()):
+        raise FingerprintError(f"{raw}: a real dataset, not a planning dataset of `nnfeddah fingerprint`; "
+                               f"choose another DatasetNNN_Name for planning")
+    ending = merged["dataset"].get("file_ending", ".nii.gz")
+    cases = {f"{Path(site).stem}__{i:04d}": {"images": [f"{Path(site).stem}/imagesTr/case{i:04d}_0000{ending}"],
+                                              "label": f"{Path(site).stem}/labelsTr/case{i:04d}{ending}"}
+             for site, n in zip(merged["sites"], merged["cases_per_site"], strict=True) for i in range(n)}
+    dataset_json = {**{k: v for k, v in merged["dataset"].items() if k != "image_reader_writer"},
+                    "overwrite_image_reader_writer": merged["dataset"]["image_reader_writer"],
+                    "dataset": cases,
+                    PLANNING_MARKER: {"sites": list(merged["sites"]),
+                                      "note": "the union of the sites' training cases; the files stay at the sites"}}
+    atomic_write_json(raw / "dataset.json", dataset_json)
+    atomic_write_json(folders["nnUNet_preprocessed"] / dataset_name / "dataset_fingerprint.json", merged["fingerprint"])
+    started = time.perf_counter()
+    # the planner's VRAM estimate calls torch.set_num_threads(nnUNet_n_proc_DA), which is 0 in our CPU
+    # defaults (augmentation in the training process): give it one thread for the estimate
+    saved = os.environ.get("nnUNet_n_proc_DA")
+    if saved is not None and int(saved) < 1:
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the planner prints whole plans dicts
+            plans = ExperimentPlanner(dataset_name, plans_name=plans_name).plan_experiment()
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
+    log(f"[fingerprint] nnU-Net's planner on the merged fingerprint: "
+        f"{folders['nnUNet_preprocessed'] / dataset_name / (plans_name + '.json')} ({time.perf_counter() - started:.1f} s)")
+    return plans
 
 
 def write_site_statistics(path: Path, stats: Mapping[str, Any]) -> Path:
@@ -394,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     merge = sub.add_parser("merge", help="merge site statistics files into one nnU-Net dataset_fingerprint.json")
     merge.add_argument("statistics", nargs="+", help="site statistics files")
     merge.add_argument("--out", required=True, help="dataset_fingerprint.json to write (the report goes beside it)")
+    merge.add_argument("--plan", metavar="DatasetNNN_Name", help="also run nnU-Net's default planner on it in this "
+                                                                 "planning dataset (a free plan for the union)")
+    merge.add_argument("--plans-name", default="nnUNetPlans", help="plans identifier for --plan")
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -411,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[fingerprint] channel {channel}: mean {entry['mean']:.2f} std {entry['std']:.2f} "
                   + " ".join(f"{k} {entry[k]:.2f} (±{bounds[k]:.2f})" for k in PERCENTILES))
         print(f"[fingerprint] wrote {out} and {report} from {len(args.statistics)} site(s)")
+        if args.plan:
+            plan_federated(merged, args.plan, args.plans_name)
 
     return run_cli("nnfeddah fingerprint", run)
 
