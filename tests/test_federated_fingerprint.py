@@ -127,6 +127,8 @@ def test_merge_refuses_mismatched_sites():
         merge_statistics({"a.json": a, "e.json": e})
     with pytest.raises(FingerprintError, match="format"):
         merge_statistics({"e.json": {"format": "something else"}})
+    with pytest.raises(FingerprintError, match="field 'channels' is missing"):
+        merge_statistics({"f.json": {k: v for k, v in a.items() if k != "channels"}})
 
 
 @pytest.fixture(scope="module")

@@ -313,13 +313,19 @@ def merge_statistics(statistics: Mapping[str, Mapping[str, Any]]) -> dict[str, A
         if stats.get("format") != SITE_FORMAT:
             raise FingerprintError(f"{where}: field 'format' is {stats.get('format')!r}, expected {SITE_FORMAT!r}; "
                                    f"write it with `nnfeddah fingerprint site`")
+        for key in ("grid", "cases", "channels", "dataset"):
+            if not isinstance(stats.get(key), dict):
+                raise FingerprintError(f"{where}: field '{key}' is missing or not an object; write the file again "
+                                       f"with `nnfeddah fingerprint site`")
     first_where, first = items[0]
     grid = IntensityGrid.from_json(first["grid"], first_where)
     for where, stats in items[1:]:
-        for key in ("grid",):
-            if IntensityGrid.from_json(stats[key], where) != grid:
-                raise FingerprintError(f"{where}: field 'grid' {stats[key]} differs from {first_where}'s "
-                                       f"{first[key]}; every site must use the same grid")
+        if IntensityGrid.from_json(stats["grid"], where) != grid:
+            raise FingerprintError(f"{where}: field 'grid' {stats['grid']} differs from {first_where}'s "
+                                   f"{first['grid']}; every site must use the same grid")
+        if set(stats["channels"]) != set(first["channels"]):
+            raise FingerprintError(f"{where}: field 'channels' has {sorted(stats['channels'])}, {first_where} has "
+                                   f"{sorted(first['channels'])}; the sites must image the same channels")
         for key in ("labels", "channel_names", "file_ending", "image_reader_writer"):
             if stats["dataset"].get(key) != first["dataset"].get(key):
                 raise FingerprintError(f"{where}: field 'dataset.{key}' differs from {first_where}'s; the sites "
