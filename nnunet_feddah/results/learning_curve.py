@@ -167,23 +167,22 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 def plot_curves(path: Path, curves: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]],
                 settings: CurveSettings) -> Path:
     """Dice vs iterations, one panel per organ, one line per seed, the target as a dashed line."""
-    import matplotlib
+    from nnunet_feddah.results.report import plain_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
-    for ax, (organ, by_seed) in zip(axes[0], curves.items(), strict=True):
-        for seed, rows in sorted(by_seed.items()):
-            ax.plot([r["iterations"] for r in rows], [r["dice"] for r in rows], marker="o", ms=3, label=f"seed {seed}")
-        ax.axhline(settings.target(organ), ls="--", c="grey", lw=1)
-        ax.set(title=organ, xlabel="iterations", ylim=(0, 1))
-    axes[0][0].set_ylabel("held-out Dice")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plain_pyplot() as plt:
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False, sharey=True)
+        for ax, (organ, by_seed) in zip(axes[0], curves.items(), strict=True):
+            for seed, rows in sorted(by_seed.items()):
+                ax.plot([r["iterations"] for r in rows], [r["dice"] for r in rows], marker="o", ms=3,
+                        label=f"seed {seed}")
+            ax.axhline(settings.target(organ), ls="--", c="grey", lw=1)
+            ax.set(title=f"{organ} (target {settings.target(organ):.2f})", xlabel="iterations", ylim=(0, 1))
+        axes[0][0].set_ylabel("held-out Dice")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
     return path
 
 

@@ -41,8 +41,9 @@ layout above; split apart, each would have to restate it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -349,15 +350,25 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_report(out_dir: Path, report: Mapping[str, Any]) -> list[Path]:
-    """Heatmaps, Dice-over-time curves and the comparison bars; returns the PNG paths."""
+@contextlib.contextmanager
+def plain_pyplot() -> Iterator[Any]:
+    """``matplotlib.pyplot`` (Agg) with plain defaults for the duration of a plot.
+
+    nnU-Net's progress logger switches seaborn on globally (font_scale 2.5) in any process that trained, which
+    would blow every label of our plots up to poster size.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # nnU-Net's progress logger switches seaborn on globally (font_scale 2.5); these plots use plain defaults
     with plt.style.context("default"), plt.rc_context({"font.size": 9}):
+        yield plt
+
+
+def plot_report(out_dir: Path, report: Mapping[str, Any]) -> list[Path]:
+    """Heatmaps, Dice-over-time curves and the comparison bars; returns the PNG paths."""
+    with plain_pyplot() as plt:
         return _plot(plt, out_dir, report)
 
 
