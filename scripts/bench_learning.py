@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: learning curves of every organ task the demo and the benchmark use (single site, 5 seeds).
 
-    python scripts/bench_learning.py                 # 4 organs x 5 seeds, bundled CPU plans (~40 min on 2 cores)
+    python scripts/bench_learning.py                 # 4 organs x 5 seeds x 900 it, bundled CPU plans (~60 min on 2 cores)
     python scripts/bench_learning.py --seeds 0 --organs kidneys --iterations 300
 
 Prints held-out Dice vs iterations (mean ± 95 % CI over seeds, and every seed) per organ and a PASS/FAIL
