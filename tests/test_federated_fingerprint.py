@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_feddah.nnunet.federated_fingerprint import (
+from nnunet_feddah.nnunet.federated_fingerprint import site_statistics
+from nnunet_feddah.nnunet.fingerprint_merge import (
     CT_GRID,
     PERCENTILES,
     SITE_FORMAT,
@@ -20,7 +21,6 @@ from nnunet_feddah.nnunet.federated_fingerprint import (
     IntensityGrid,
     merge_statistics,
     release_histogram,
-    site_statistics,
 )
 
 SITES = (781, 782, 783)  # three phantom sites with different scanners

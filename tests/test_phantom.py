@@ -119,7 +119,8 @@ def test_anatomy_is_plausible(site: int, seed: int) -> None:
     anatomy = synthesize(np.random.default_rng([seed, site]), spacing)
     labels, voxel_ml = anatomy.labels, float(np.prod(spacing)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=16)
-    assert counts[1:].min() > 15, f"missing or tiny organs: {dict(enumerate(counts))}"
+    # every organ present and > 1.2 mL (the adrenals, ~4 mL, are 14-17 voxels of 0.29 mL at the cpu size)
+    assert counts[1:].min() * voxel_ml > 1.2, f"missing or tiny organs: {dict(enumerate(counts))}"
     assert not (labels > 0)[~anatomy.body].any(), "organs must lie inside the body"
     centroid = {k: np.array(ndimage.center_of_mass(labels == k)) * spacing for k in range(1, 16)}  # (z, y, x) mm
     body_x = np.array(ndimage.center_of_mass(anatomy.body))[2] * spacing[2]
