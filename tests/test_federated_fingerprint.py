@@ -185,11 +185,14 @@ def test_merged_fingerprint_matches_nnunets_pooled_fingerprint(scanner_sites: di
     assert np.allclose(ours["spacings"], pooled["spacings"])
     assert [list(s) for s in ours["shapes_after_crop"]] == [list(s) for s in pooled["shapes_after_crop"]]
     assert ours["median_relative_size_after_cropping"] == pytest.approx(pooled["median_relative_size_after_cropping"])
-    mean, std, percentile = _equal_case_weight(_pooled_foreground(scanner_sites["raw"] / scanner_sites["pooled"]))
+    cases = _pooled_foreground(scanner_sites["raw"] / scanner_sites["pooled"])
+    mean, std, percentile = _equal_case_weight(cases)
     props, theirs = ours["foreground_intensity_properties_per_channel"]["0"], \
         pooled["foreground_intensity_properties_per_channel"][0]
     assert props["mean"] == pytest.approx(mean, rel=1e-9)  # exact: nnU-Net's voxels, every case weighing the same
     assert props["std"] == pytest.approx(std, rel=1e-6)
+    lowest, highest = min(c.min() for c in cases), max(c.max() for c in cases)
+    assert 0 <= lowest - props["min"] <= 1.0 and 0 <= props["max"] - highest <= 1.0  # the edges of their bins
     assert merged["report"]["0"]["error_bound"]["median"] <= 1.0  # 1 HU bins, dense there: nothing merged
     for key, q in PERCENTILES.items():
         # in the sparse tails the privacy guard widens the released bins; the bound widens with them, and holds

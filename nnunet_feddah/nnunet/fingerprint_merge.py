@@ -80,8 +80,9 @@ def release_histogram(counts: np.ndarray, min_count: int = DEFAULT_MIN_COUNT) ->
 
     Walking up the grid, a non-empty run stays open (absorbing the bins after it, empty or not) until it holds
     ``min_count`` voxels; empty bins between runs are released as empty runs (an empty bin says only that no
-    voxel fell there); a last run that stays short is merged into the full run before it, with the empty runs
-    between them. A channel with fewer than ``min_count`` voxels in all becomes a single run.
+    voxel fell there); a last run that stays short ends at its last voxel and joins the full run before it,
+    with the empty runs between them. A channel with fewer than ``min_count`` voxels in all becomes a
+    single non-empty run.
     """
     if min_count < 1:
         raise FingerprintError(f"min_count must be >= 1 (got {min_count})")
@@ -99,12 +100,15 @@ def release_histogram(counts: np.ndarray, min_count: int = DEFAULT_MIN_COUNT) ->
         if held >= min_count:
             bounds.append([start, i + 1, False])
             start, held = i + 1, 0
-    if held:
+    if held:  # a short open run [start, n): it ends at its last voxel, the empty bins after it stay empty
+        last = start + int(np.flatnonzero(np.asarray(counts[start:]))[-1]) + 1
         while bounds and bounds[-1][2]:
             start = bounds.pop()[0]
         if bounds:
             start = bounds.pop()[0]
-        bounds.append([start, len(counts), False])
+        bounds.append([start, last, False])
+        if last < len(counts):
+            bounds.append([last, len(counts), True])
     cumulative = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
     return [[a, b, int(cumulative[b] - cumulative[a])] for a, b, _ in bounds]
 
