@@ -265,10 +265,10 @@ def test_template_plans_from_the_merged_fingerprint(scanner_sites: dict, tmp_pat
     assert abs(ours[key]["0"]["percentile_99_5"] - alone[key]["0"]["percentile_99_5"]) > 2.0
     fingerprint_file = tmp_path / "dataset_fingerprint.json"
     fingerprint_file.write_text(json.dumps(merged))
-    assert shared_plans.read_fingerprint(fingerprint_file) == merged
+    assert shared_plans.read_dataset_fingerprint(fingerprint_file) == merged
     fingerprint_file.write_text("{}")
     with pytest.raises(shared_plans.SharedPlansError, match="field 'spacings' is missing"):
-        shared_plans.read_fingerprint(fingerprint_file)
+        shared_plans.read_dataset_fingerprint(fingerprint_file)
 
 
 def test_a_site_with_a_single_labelled_case_refuses(scanner_sites: dict):

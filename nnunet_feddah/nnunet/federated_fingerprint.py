@@ -15,7 +15,7 @@ figure, no case id; a site with fewer than :data:`MIN_CASES` labelled cases refu
 
 Coordinator side: :func:`~.fingerprint_merge.merge_statistics` (plain numpy) makes the fingerprint;
 :func:`plan_federated` runs nnU-Net's own ``ExperimentPlanner`` on it for a free plan, and
-``nnfeddah plans install --template … --fingerprint`` fills a template from it.
+``nnfeddah plans install --template … --dataset-fingerprint`` fills a template from it.
 
 CLI: ``nnfeddah fingerprint site -d 501 --out site1.json``; ``nnfeddah fingerprint merge *.json --out F [--plan D]``.
 """

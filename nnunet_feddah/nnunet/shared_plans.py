@@ -129,26 +129,26 @@ def _quiet(what: str) -> Iterator[None]:
         raise
 
 
-def read_fingerprint(path: str | Path) -> dict:
+def read_dataset_fingerprint(path: str | Path) -> dict:
     """A ``dataset_fingerprint.json`` (nnU-Net's or a merged one), checked for the fields the plans need."""
     try:
         fingerprint = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SharedPlansError(f"--fingerprint {path}: cannot be read as JSON ({exc}); write it with "
+        raise SharedPlansError(f"--dataset-fingerprint {path}: cannot be read as JSON ({exc}); write it with "
                                f"`nnfeddah fingerprint merge`") from exc
     for key in ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel"):
         if key not in fingerprint:
-            raise SharedPlansError(f"--fingerprint {path}: field '{key}' is missing; is it a dataset_fingerprint.json?")
+            raise SharedPlansError(f"--dataset-fingerprint {path}: field '{key}' is missing; is it a dataset_fingerprint.json?")
     return fingerprint
 
 
 def install(datasets: Sequence[str | int], template: str | None = None, plans_file: str | None = None,
             reference: str | int | None = None, num_processes: int = 2, verify: bool = True,
-            log=print, fingerprint: str | Path | None = None) -> dict[str, str]:
+            log=print, dataset_fingerprint: str | Path | None = None) -> dict[str, str]:
     """Install shared plans into every dataset and preprocess it; return ``{dataset: fingerprint}``.
 
     With ``template``, the plans' dataset-derived fields come from the reference site's nnU-Net fingerprint,
-    or from ``fingerprint`` (a merged federated one) when given.
+    or from ``dataset_fingerprint`` (a merged federated one) when given.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import (
@@ -157,17 +157,17 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
 
     if (template is None) == (plans_file is None):
         raise SharedPlansError("give exactly one of --template (create shared plans) or --plans-file (install them)")
-    if fingerprint is not None and template is None:
-        raise SharedPlansError("--fingerprint fills a --template; a --plans-file already holds its statistics")
-    merged = read_fingerprint(fingerprint) if fingerprint is not None else None
+    if dataset_fingerprint is not None and template is None:
+        raise SharedPlansError("--dataset-fingerprint fills a --template; a --plans-file already holds its statistics")
+    merged = read_dataset_fingerprint(dataset_fingerprint) if dataset_fingerprint is not None else None
     folders = require_nnunet_env()
     names = [raw_dataset_name(d) for d in datasets]
     if not names:
         raise SharedPlansError("no datasets given (-d)")
     ref = raw_dataset_name(reference) if reference is not None else names[0]
     source = template or plans_file
-    if fingerprint is not None:
-        source = f"{source} filled from {fingerprint}"
+    if dataset_fingerprint is not None:
+        source = f"{source} filled from {dataset_fingerprint}"
     shared = load_template(template or plans_file)
     plans_name = shared["plans_name"]
     for name in dict.fromkeys([ref, *names]):
@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--plans-file", help="shared plans JSON written by the reference site")
     inst.add_argument("-d", "--datasets", nargs="+", required=True, help="dataset ids or names")
     inst.add_argument("--reference", help="reference dataset for --template (default: the first of -d)")
-    inst.add_argument("--fingerprint", help="fill --template from this dataset_fingerprint.json (the federated one "
-                                            "of `nnfeddah fingerprint merge`) instead of the reference site's")
+    inst.add_argument("--dataset-fingerprint", help="fill --template from this dataset_fingerprint.json (the "
+                                                    "federated one of `nnfeddah fingerprint merge`) instead of "
+                                                    "the reference site's")
     inst.add_argument("-np", "--num-processes", type=int, default=2)
     inst.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
     fp = sub.add_parser("fingerprint", help="print the architecture fingerprint of a site's installed plans")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         start = time.perf_counter()
         fingerprints = install(args.datasets, args.template, args.plans_file, args.reference, args.num_processes,
-                               not args.no_verify, fingerprint=args.fingerprint)
+                               not args.no_verify, dataset_fingerprint=args.dataset_fingerprint)
         print(f"[plans] {len(fingerprints)} site(s) share architecture {next(iter(fingerprints.values()))} "
               f"({time.perf_counter() - start:.1f} s)")
 
