@@ -97,10 +97,9 @@ def _foreground_values(image_files: Sequence[str], label_file: str, reader_write
 def site_statistics(dataset: str | int, grid: IntensityGrid = CT_GRID, min_count: int = DEFAULT_MIN_COUNT,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """What a site releases for the federated fingerprint of its raw training cases (nothing per voxel)."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunet_feddah.nnunet.shared_plans import raw_dataset_name
+    from nnunet_feddah.nnunet.shared_plans import image_reader_class, raw_dataset_name
     from nnunet_feddah.paths import require_nnunet_env
 
     started = time.perf_counter()
@@ -121,9 +120,7 @@ def site_statistics(dataset: str | int, grid: IntensityGrid = CT_GRID, min_count
                                    f"{raw / 'imagesTr' / (case + '_0000' + ending)} (channel 0) is missing")
     if not cases:
         raise FingerprintError(f"{raw / 'imagesTr'}: no training cases")
-    first = next(iter(cases.values()))["images"][0]
-    reader_class = determine_reader_writer_from_dataset_json(dataset_json, first, allow_nonmatching_filename=True,
-                                                             verbose=False)
+    reader_class = image_reader_class(dataset_json, cases)
     spacings, shapes, relative = [], [], []
     counts = [np.zeros(grid.bins + 2, np.int64) for _ in channels]
     masses = [np.zeros(grid.bins + 2, np.float64) for _ in channels]

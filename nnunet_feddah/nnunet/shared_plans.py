@@ -23,8 +23,9 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,10 +67,18 @@ def raw_dataset_name(dataset: str | int) -> str:
     return name
 
 
+def image_reader_class(dataset_json: dict, cases: Mapping[str, Mapping[str, Any]]) -> type:
+    """nnU-Net's reader/writer class for a raw dataset, decided from dataset.json and its first case's image."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    example = next(iter(cases.values()))["images"][0]
+    return determine_reader_writer_from_dataset_json(dataset_json, example, allow_nonmatching_filename=True,
+                                                     verbose=False)
+
+
 def plans_from_template(template: dict, reference: str, fingerprint: dict | None = None) -> dict:
     """Fill a template's dataset-derived fields from a fingerprint: the reference site's own by default, or
     ``fingerprint`` (e.g. the federated one of every site, ``nnfeddah fingerprint merge``)."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -84,13 +93,12 @@ def plans_from_template(template: dict, reference: str, fingerprint: dict | None
     spacing = np.median(np.asarray(fingerprint["spacings"]), 0)[transpose]
     shape = np.median(np.asarray(fingerprint["shapes_after_crop"]), 0)[transpose]
     target = plans["configurations"][CONFIGURATION]["spacing"]
-    example = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))["images"][0]
     plans.update({
         "dataset_name": reference,
         "original_median_spacing_after_transp": [float(s) for s in spacing],
         "original_median_shape_after_transp": [int(round(s)) for s in shape],
-        "image_reader_writer": determine_reader_writer_from_dataset_json(
-            dataset_json, example, allow_nonmatching_filename=True, verbose=False).__name__,
+        "image_reader_writer": image_reader_class(
+            dataset_json, get_filenames_of_train_images_and_targets(str(raw), dataset_json)).__name__,
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
     })
     plans["configurations"][CONFIGURATION]["median_image_size_in_voxels"] = [
