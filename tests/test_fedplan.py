@@ -97,6 +97,28 @@ def test_schedule_of_asynchronous_streams_with_late_join():
         plan.site_step("a", 0)
 
 
+def test_round_epochs_lengthen_one_round_and_move_the_learning_rate_curves():
+    plan = parse_plan(edited(round_epochs={"1": 5, "4": 2}))
+    # a trains rounds 1-4 (epochs 5, 3, 3, 2); b rounds 4-6 (2, 3, 3)
+    assert [plan.epochs_in(r) for r in range(1, 7)] == [5, 3, 3, 2, 3, 3]
+    assert plan.round_settings("a", 1)["epochs"] == 5 and plan.round_settings("b", 4)["epochs"] == 2
+    assert [plan.global_epoch_offset("a", r) for r in (1, 2, 3, 4, 5)] == [0, 5, 8, 11, 13]
+    assert [plan.global_epoch_offset("b", r) for r in (4, 5, 6)] == [0, 2, 5]
+    assert plan.total_epochs == 13 and plan.site_epochs("b") == 8
+    per_task = parse_plan(edited(round_epochs={"1": 5, "4": 2}, local={**MINIMAL["local"], "lr_schedule": "per-task"}))
+    # a's first task spans rounds 1-2 (5 + 3 epochs), its second rounds 3-4 (3 + 2)
+    assert [per_task.lr_position("a", r) for r in (1, 2, 3, 4)] == [(0, 8), (5, 8), (0, 5), (3, 5)]
+    assert per_task.lr_position("b", 4) == (0, 2)
+    assert parse_plan(json.loads(json.dumps(plan.to_json()))) == plan  # round-trips
+    assert "round_epochs" not in parse_plan(MINIMAL).to_json()  # unchanged plan hash when unset
+    problems = problems_of(edited(round_epochs={"0": 2, "x": 1, "9": 2, "2": 0}))
+    assert any("round_epochs.0: '0' is not a round number" in p for p in problems)
+    assert any("round_epochs.x" in p for p in problems)
+    assert any("round_epochs.9: round 9 is past the plan's last round (6)" in p for p in problems)
+    assert any("round_epochs.2: must be an integer >= 1, got 0" in p for p in problems)
+    assert any("round_epochs: must be an object" in p for p in problems_of(edited(round_epochs=[6])))
+
+
 def test_device_augmentation_reaches_the_round_config():
     local = {**MINIMAL["local"], "device_augmentation": True}
     plan = parse_plan({**MINIMAL, "local": local})

@@ -99,6 +99,7 @@ class FederationPlan:
     local: LocalTraining
     strategy: StrategySpec
     total_epochs: int
+    round_epochs: Mapping[int, int] = field(default_factory=dict, hash=False)  # round -> local epochs (override)
     round_deadline_s: float = DEFAULT_ROUND_DEADLINE_S
     seed: int = 0
     nnunet_root: Path | None = None
@@ -173,9 +174,23 @@ class FederationPlan:
                   if any(t.key == key for t in self.active_sites(r).values())]
         return rounds[-1] if rounds else None
 
+    def epochs_in(self, round_number: int) -> int:
+        """Local epochs of every site that trains in a round: ``round_epochs`` where it names the round,
+        else ``local.epochs`` (a long first round that every strategy shares, short rounds after it)."""
+        return self.round_epochs.get(_check_round(round_number), self.local.epochs)
+
+    def _epochs_over(self, first_round: int, stop_round: int) -> int:
+        return sum(self.epochs_in(r) for r in range(first_round, stop_round))
+
+    def site_epochs(self, site: SiteRef) -> int:
+        """Local epochs a site trains over its whole stream."""
+        s = self.site(site)
+        return self._epochs_over(s.join_round, s.last_round + 1)
+
     def global_epoch_offset(self, site: SiteRef, round_number: int) -> int:
         """Local epochs the site has trained before this round, so the poly LR continues across rounds."""
-        return self.site(site).rounds_trained_before(round_number) * self.local.epochs
+        s = self.site(site)
+        return self._epochs_over(s.join_round, s.join_round + s.rounds_trained_before(round_number))
 
     def lr_position(self, site: SiteRef, round_number: int) -> tuple[int, int]:
         """``(epoch_offset, total_epochs)`` of a round on its poly learning-rate curve.
@@ -187,7 +202,9 @@ class FederationPlan:
         s = self.site(site)
         if self.local.lr_schedule == "per-task":
             done = s.rounds_trained_before(round_number) % s.rounds_per_step
-            return done * self.local.epochs, s.rounds_per_step * self.local.epochs
+            step_start = s.join_round + s.rounds_trained_before(round_number) - done
+            return (self._epochs_over(step_start, step_start + done),
+                    self._epochs_over(step_start, step_start + s.rounds_per_step))
         return self.global_epoch_offset(s, round_number), self.total_epochs
 
     def round_settings(self, site: SiteRef, round_number: int) -> dict[str, Any] | None:
@@ -206,6 +223,7 @@ class FederationPlan:
         return {
             "task": task.key,
             **local,
+            "epochs": self.epochs_in(round_number),
             "epoch_offset": offset,
             "total_epochs": total,
             "seed": self.seed + 1000 * round_number + self.sites.index(s),
@@ -241,6 +259,7 @@ class FederationPlan:
             "sites": sites,
             "rounds_per_step": self.rounds_per_step,
             "local": _local_json(self.local),
+            **({"round_epochs": {str(r): e for r, e in sorted(self.round_epochs.items())}} if self.round_epochs else {}),
             "round_deadline_s": self.round_deadline_s,
             "strategy": {"name": self.strategy.name, "params": dict(self.strategy.params)},
             "seed": self.seed,

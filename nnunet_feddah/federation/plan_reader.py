@@ -34,7 +34,7 @@ _MISSING: Any = object()
 
 TOP_FIELDS = {"name": True, "plans_identifier": True, "sites": True, "rounds_per_step": True, "local": True,
               "strategy": True, "round_deadline_s": False, "seed": False, "total_epochs": False,
-              "nnunet_root": False}
+              "round_epochs": False, "nnunet_root": False}
 SITE_FIELDS = {"name": True, "dataset": True, "stream": True, "join_round": False, "rounds_per_step": False,
                "nnunet_root": False}
 #: Local-training options with a fixed set of values (the first is the default).
@@ -165,6 +165,28 @@ def _choice(reader: _Reader, local: Mapping, name: str, options: Sequence[str]) 
     return value
 
 
+def _parse_round_epochs(reader: _Reader, data: Mapping, total_rounds: int | None) -> dict[int, int] | None:
+    """``round_epochs``: ``{"<round>": local epochs}`` for rounds that train longer or shorter than ``local.epochs``."""
+    raw = data.get("round_epochs", {})
+    if not isinstance(raw, Mapping):
+        reader.problem("round_epochs", f'must be an object mapping a round number to its local epochs, e.g. '
+                                       f'{{"1": 6}}; got {raw!r}')
+        return None
+    out: dict[int, int] = {}
+    for key in raw:
+        at = f"round_epochs.{key}"
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+            reader.problem(at, f"{key!r} is not a round number. Fix: use a 1-based round number as the key")
+            continue
+        if total_rounds is not None and int(key) > total_rounds:
+            reader.problem(at, f"round {key} is past the plan's last round ({total_rounds}). Fix: remove it")
+            continue
+        epochs = reader.integer(raw, key, "round_epochs")
+        if epochs is not None:
+            out[int(key)] = epochs
+    return out
+
+
 def _parse_site(reader: _Reader, raw: Any, i: int, default_rps: int | None,
                 default_root: Path | None) -> SitePlan | None:
     path = f"sites[{i}]"
@@ -260,9 +282,12 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
                 first[site_name] = i
         _check_task_spellings(reader, sites)
 
+    total_rounds = max(s.last_round for s in sites) if sites and len(sites) == len(raw_sites) else None
+    round_epochs = _parse_round_epochs(reader, data, total_rounds)
     total = None
-    if local is not None and sites and len(sites) == len(raw_sites):
-        needed = max(len(s.stream) * s.rounds_per_step for s in sites) * local.epochs
+    if local is not None and round_epochs is not None and total_rounds is not None:
+        needed = max(sum(round_epochs.get(r, local.epochs) for r in range(s.join_round, s.last_round + 1))
+                     for s in sites)
         total = reader.integer(data, "total_epochs", "", default=needed)
         if total is not None and total < needed:
             reader.problem("total_epochs", f"{total} is fewer than the {needed} local epochs the longest stream "
@@ -274,7 +299,7 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
     if reader.problems:
         raise FederationPlanError(source, reader.problems)
     return FederationPlan(name=name, plans_identifier=plans_identifier, sites=tuple(sites), rounds_per_step=rps,
-                          local=local, strategy=strategy, total_epochs=total, round_deadline_s=deadline, seed=seed,
+                          local=local, strategy=strategy, total_epochs=total, round_epochs=round_epochs, round_deadline_s=deadline, seed=seed,
                           nnunet_root=root, source=source)
 
 
