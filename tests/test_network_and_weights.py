@@ -86,3 +86,25 @@ def test_weights_file_round_trip_and_errors(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(WeightsFileError, match="field 'format'"):
         read_header(tmp_path / "foreign.safetensors")
+
+
+def test_paired_cpu_batches_give_the_batch_one_result_and_leave_the_network_as_it_was():
+    torch.manual_seed(0)
+    model = net.build_network(_template(), num_outputs=3, deep_supervision=False).eval()
+    tile = torch.randn(1, 1, 32, 48, 48)
+    seen: list[int] = []
+    model.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        plain = model(tile)
+        with net.paired_cpu_batches(model):
+            paired = model(tile)
+            model(torch.cat((tile, tile)))  # a real batch of two is not doubled again
+    assert seen == [1, 2, 2]
+    assert paired.shape == plain.shape == (1, 3, 32, 48, 48)
+    assert torch.allclose(paired, plain, atol=1e-4)  # another convolution backend: rounding differs, nothing else
+    assert (paired.argmax(1) == plain.argmax(1)).float().mean() > 0.9999
+    assert "forward" not in model.__dict__  # the class's forward again
+    supervised = net.build_network(_template(), num_outputs=3, deep_supervision=True).eval()
+    with torch.no_grad(), net.paired_cpu_batches(supervised):
+        outputs = supervised(tile)
+    assert isinstance(outputs, list) and all(o.shape[0] == 1 for o in outputs)

@@ -18,6 +18,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
+from nnunet_feddah.nnunet.network import paired_cpu_batches
 from nnunet_feddah.organs import Task
 
 
@@ -52,7 +53,7 @@ def organ_dice(
     lut = np.asarray(task.amos_to_task_lut() + [0] * (256 - len(task.amos_to_task_lut())), dtype=np.int16)
     per_case: dict[str, dict[str, float]] = {}
     pooled = np.zeros((len(task.organs), 3), dtype=np.float64)
-    with torch.no_grad():
+    with torch.no_grad(), paired_cpu_batches(network):
         for case in case_ids:
             data, seg, _, _ = dataset.load_case(case)
             logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:])))

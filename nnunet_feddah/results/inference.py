@@ -187,7 +187,7 @@ class TaskModel:
 
     def predict(self, image: PreparedImage, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map in AMOS ids (original image geometry) and, if asked, the 16-channel probabilities."""
-        with torch.no_grad():
+        with torch.no_grad(), net.paired_cpu_batches(self.predictor.network):
             logits = self.predictor.predict_logits_from_preprocessed_data(image.data).cpu()
         result = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, self.shared.plans_manager, self.shared.configuration_manager, self.predictor.label_manager,
