@@ -3,8 +3,10 @@
 
     python scripts/bench_learning.py                 # 4 organs x 5 seeds x 900 it, bundled CPU plans (~60 min on 2 cores)
     python scripts/bench_learning.py --seeds 0 --organs kidneys --iterations 300
+    python scripts/bench_learning.py --donor kidneys --organs liver spleen pancreas --iterations 300 --chunk 100
 
-Prints held-out Dice vs iterations (mean ± 95 % CI over seeds, and every seed) per organ and a PASS/FAIL
+``--donor`` starts every organ where the federation starts a new task: from the donor's trained network of the
+same seed (its from-scratch curve, reused from the same --work folder or run first). Prints held-out Dice vs iterations (mean ± 95 % CI over seeds, and every seed) per organ and a PASS/FAIL
 line per organ for the target: liver, spleen, kidneys ≥ 0.80 and pancreas ≥ 0.60 in ≥ 4 of 5 seeds within
 3 minutes of training. Writes curves.json and curves.png into --work. Not a test: exit code 0 whenever it ran.
 """
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.initial_lr)
     parser.add_argument("--template", default=defaults.plans_template, help="bundled plans template or a path")
+    parser.add_argument("--donor", help="start every organ from this task's trained network (FedDAH's donor rule)")
+    parser.add_argument("--donor-iterations", type=int, default=defaults.donor_iterations)
     parser.add_argument("--work", default=str(REPO / "work" / "bench_learning"))
     parser.add_argument("-device", "--device", default="cpu")
     args = parser.parse_args(argv)
@@ -41,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(nnunet_env(work))
     settings = CurveSettings(organs=tuple(args.organs), seeds=tuple(args.seeds), iterations=args.iterations,
                              chunk=args.chunk, optimizer=args.optimizer, initial_lr=args.lr,
-                             plans_template=args.template, device=args.device)
+                             plans_template=args.template, device=args.device, donor=args.donor,
+                             donor_iterations=args.donor_iterations)
     started = time.perf_counter()
     result = run_learning_curves(settings, work)
     print(format_summary(result["summary"]))
-    print(f"[curve] {work / 'curves.json'}, plot {result['plot']} ({time.perf_counter() - started:.0f} s in total)")
+    print(f"[curve] {Path(result['plot']).with_suffix('.json')}, plot {result['plot']} ({time.perf_counter() - started:.0f} s in total)")
     return 0
 
 

@@ -32,3 +32,25 @@ def test_target_needs_four_of_five_seeds_within_the_time_budget(tmp_path: Path):
     assert "PASS  kidneys: 4/5 seeds" in text and "FAIL  spleen: 1/5 seeds" in text
     png = plot_curves(tmp_path / "curves.png", curves, settings)
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_donor_start_keeps_the_donor_trunk_and_its_background_row(tmp_path: Path):
+    import torch
+
+    from nnunet_feddah.nnunet.network import hypernet_base, is_head
+    from nnunet_feddah.nnunet.shared_plans import load_template
+    from nnunet_feddah.nnunet.weights import load_weights, save_weights
+    from nnunet_feddah.organs import Task
+    from nnunet_feddah.results.learning_curve import donor_start_file
+
+    plans = load_template("cpu")
+    base = hypernet_base(plans)  # 16 organ slots; the kidneys network has 3 outputs (background, both kidneys)
+    kidneys = {name: (t[[0, 2, 3]] if is_head(name) else t) + 1.0 for name, t in base.items()}
+    start, _ = load_weights(donor_start_file(save_weights(tmp_path / "k.safetensors", kidneys, {}), "kidneys",
+                                             "spleen", plans, tmp_path))
+    spleen = Task.parse("spleen").labels[0]
+    for name, tensor in start.items():
+        if is_head(name):  # background from the donor, the spleen row untrained (the base's)
+            assert torch.equal(tensor[0], kidneys[name][0]) and torch.equal(tensor[1], base[name][spleen])
+        else:
+            assert torch.equal(tensor, kidneys[name])

@@ -10,6 +10,10 @@ Training runs as chained :func:`~nnunet_feddah.nnunet.trainer.train_round` calls
 each starting from the previous call's weights with a fresh optimizer — what a site does in a federation
 whose rounds are ``chunk`` iterations long — on one per-task poly learning-rate curve over ``iterations``.
 The reported time is the trainer's own training time (set-up and evaluation excluded).
+
+With ``donor`` every organ starts instead where a federation starts a task it meets for the first time: from
+the donor's trained network of the same seed (the donor's own from-scratch curve, run first if missing), with
+head rows by FedDAH's allocation rule (:func:`nnunet_feddah.method.donor.donor_start`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,8 @@ class CurveSettings:
     first_dataset_id: int = 801
     plans_template: str = "cpu"
     device: str = "cpu"
+    donor: str | None = None  # start every organ from this task's trained network (same seed)
+    donor_iterations: int = 900  # how long the donor itself is trained from scratch
 
     def target(self, organ: str) -> float:
         return DICE_TARGETS.get(organ, SMALL_ORGAN_TARGET)
@@ -79,9 +85,25 @@ def _test_plan(dataset_id: int, plans_identifier: str, organ: str):
                        "strategy": {"name": "local", "params": {}}}, "learning curve")
 
 
+def donor_start_file(donor_weights: Path, donor: str, organ: str, plans: Mapping[str, Any], out_dir: Path) -> Path:
+    """The start weights of ``organ`` from the trained ``donor`` network, by FedDAH's allocation rule."""
+    from nnunet_feddah.method.donor import FittedTask, donor_start
+    from nnunet_feddah.nnunet.network import hypernet_base, is_head
+    from nnunet_feddah.nnunet.weights import load_weights, save_weights
+    from nnunet_feddah.organs import Task
+
+    weights, _ = load_weights(donor_weights)
+    fitted = [FittedTask(donor, Task.parse(donor).labels, 1)]
+    _, start = donor_start(Task.parse(organ).labels, fitted, lambda _: weights, hypernet_base(plans),
+                           [name for name in weights if is_head(name)])
+    return save_weights(out_dir / "start.safetensors", start, {"donor": str(donor_weights)})
+
+
 def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, plans_identifier: str,
-              out_dir: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train ``organ`` from nnU-Net's initialisation; held-out Dice after every chunk. Resumes finished runs."""
+              out_dir: Path, log: Callable[[str], None] = print, start: Path | None = None) -> list[dict[str, Any]]:
+    """Train ``organ`` from ``start`` (default: nnU-Net's initialisation); held-out Dice after every chunk.
+
+    Resumes finished runs."""
     import torch
 
     from nnunet_feddah.nnunet.round_config import RoundConfig
@@ -99,7 +121,7 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
     task = Task.parse(organ)
     chunks = math.ceil(settings.iterations / settings.chunk)
     rows: list[dict[str, Any]] = []
-    previous, train_s = None, 0.0
+    previous, train_s = (str(start) if start else None), 0.0
     for k in range(chunks):
         config = RoundConfig(task=organ, output_weights=str(out_dir / f"chunk_{k:02d}.safetensors"),
                              output_metrics=str(out_dir / f"chunk_{k:02d}.json"), initial_weights=previous,
@@ -109,14 +131,14 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
         metrics = train_round(dataset_id, plans_identifier, config, device=settings.device)
         train_s += metrics["wall_time_s"]["train"]
         weights, _ = load_weights(config.output_weights)
-        if previous:
+        if previous and k > 0:
             Path(previous).unlink(missing_ok=True)  # only the latest chunk's weights are needed
         previous = config.output_weights
         model = TaskModel.from_weights(test_set.shared, weights, task.labels, organ, torch.device(settings.device))
         scores = evaluate_task(test_set, model)
         rows.append({"iterations": (k + 1) * settings.chunk, "dice": scores["dice"], "organs": scores["organs"],
                      "train_s": train_s, "train_loss": metrics["train_loss"]})
-        log(f"[curve] {organ:<9} seed {seed}  {(k + 1) * settings.chunk:5d} it  Dice {scores['dice']:.3f}  "
+        log(f"[curve] {organ + (f' from {settings.donor}' if start else ''):<9} seed {seed}  {(k + 1) * settings.chunk:5d} it  Dice {scores['dice']:.3f}  "
             f"loss {metrics['train_loss']:+.3f}  {train_s:5.0f} s of training")
     atomic_write_json(done, rows)
     return rows
@@ -187,18 +209,34 @@ def plot_curves(path: Path, curves: Mapping[str, Mapping[int, Sequence[Mapping[s
 
 
 def run_learning_curves(settings: CurveSettings, work: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every organ × seed; writes ``curves.json`` (raw + summary) and ``curves.png`` into ``work``."""
+    """Every organ × seed; writes ``curves.json`` (raw + summary) and ``curves.png`` into ``work``
+    (``curves_from_<donor>.*`` with a donor)."""
     from nnunet_feddah.nnunet.shared_plans import load_template
 
     curves: dict[str, dict[int, list[dict[str, Any]]]] = {organ: {} for organ in settings.organs}
     plans_identifier = load_template(settings.plans_template)["plans_name"]
     for seed in settings.seeds:
         dataset_id = prepare_seed_site(settings, seed, log)
+        start = None
+        if settings.donor:  # the donor's own from-scratch curve (shared with a plain run in the same work folder)
+            donor = replace(settings, donor=None, iterations=settings.donor_iterations,
+                            chunk=min(CurveSettings.chunk, settings.donor_iterations))
+            donor_dir = work / "runs" / f"{settings.donor}_seed{seed}"
+            run_curve(donor, settings.donor, seed, dataset_id, plans_identifier, donor_dir, log)
+            start = donor_dir / f"chunk_{math.ceil(donor.iterations / donor.chunk) - 1:02d}.safetensors"
         for organ in settings.organs:
-            out = work / "runs" / f"{organ}_seed{seed}"
-            curves[organ][seed] = run_curve(settings, organ, seed, dataset_id, plans_identifier, out, log)
+            out = work / "runs" / (f"{organ}_from_{settings.donor}_seed{seed}" if start else f"{organ}_seed{seed}")
+            organ_start = None
+            if start is not None and not (out / "curve.json").is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                plans = json.loads(next(Path(os.environ["nnUNet_preprocessed"]).glob(
+                    f"Dataset{dataset_id:03d}_*/{plans_identifier}.json")).read_text())
+                organ_start = donor_start_file(start, settings.donor, organ, plans, out)
+            curves[organ][seed] = run_curve(settings, organ, seed, dataset_id, plans_identifier, out, log,
+                                            organ_start)
     summary = summarise(settings, curves)
+    name = f"curves_from_{settings.donor}" if settings.donor else "curves"  # both kinds can share a work folder
     result = {"settings": settings.__dict__, "curves": {o: {str(s): c for s, c in v.items()} for o, v in curves.items()},
-              "summary": summary, "plot": str(plot_curves(work / "curves.png", curves, settings))}
-    atomic_write_json(work / "curves.json", result)
+              "summary": summary, "plot": str(plot_curves(work / f"{name}.png", curves, settings))}
+    atomic_write_json(work / f"{name}.json", result)
     return result
