@@ -28,8 +28,10 @@ from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import validate_sites
+from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.registry import STRATEGIES
 from nnunet_feddah.nnunet.datasets import nnunet_folders
+from nnunet_feddah.nnunet.weights import load_weights, save_weights
 from nnunet_feddah.paths import nnunet_env
 from nnunet_feddah.results.fcl_metrics import nanmean
 from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
@@ -49,24 +51,47 @@ def job_key(job: SiteJob) -> str:
 
 
 class ReplayingExecutor:
-    """Trains each distinct job once; an identical job of a later strategy gets a copy of the same upload."""
+    """Trains each distinct job once; an identical job of a later strategy gets a copy of the same upload.
 
-    def __init__(self, inner: Callable[[Mapping[str, SiteJob], float], Mapping[str, Any]]) -> None:
+    With ``store`` the trained uploads are also kept on disk (one weights file + one JSON per job key), so a
+    resumed benchmark, or the default run after a ``--quick`` one, replays them instead of training again.
+    """
+
+    def __init__(self, inner: Callable[[Mapping[str, SiteJob], float], Mapping[str, Any]],
+                 store: Path | None = None) -> None:
         self.inner = inner
+        self.store = store
         self.cache: dict[str, SiteResult] = {}
         self.trained = self.replayed = 0
         self.replayed_s = 0.0  # training time that replays stood in for (charged to the replaying strategy)
 
+    def _stored(self, key: str) -> SiteResult | None:
+        files = [self.store / f"{key}.{ext}" for ext in ("json", "safetensors")] if self.store else []
+        if key not in self.cache and files and all(f.is_file() for f in files):
+            record = json.loads((self.store / f"{key}.json").read_text())
+            weights, _ = load_weights(self.store / f"{key}.safetensors")
+            self.cache[key] = SiteResult(record["site"], record["round"], record["task"], weights,
+                                         record["metrics"], record["seconds"])
+        return self.cache.get(key)
+
+    def _keep(self, key: str, result: SiteResult) -> None:
+        self.cache[key] = result
+        if self.store is not None:  # weights first: a JSON without its weights file is never written
+            save_weights(self.store / f"{key}.safetensors", result.weights, {"job": key})
+            atomic_write_json(self.store / f"{key}.json", {"site": result.site, "round": result.round,
+                                                           "task": result.task, "metrics": result.metrics,
+                                                           "seconds": result.seconds})
+
     def __call__(self, jobs: Mapping[str, SiteJob], deadline_s: float) -> dict[str, Any]:
         keys = {site: job_key(job) for site, job in jobs.items()}
-        fresh_jobs = {site: job for site, job in jobs.items() if keys[site] not in self.cache}
+        fresh_jobs = {site: job for site, job in jobs.items() if self._stored(keys[site]) is None}
         fresh = dict(self.inner(fresh_jobs, deadline_s)) if fresh_jobs else {}
         results: dict[str, Any] = {}
         for site in jobs:
             if site in fresh_jobs:
                 result = fresh.get(site, "no answer")
                 if isinstance(result, SiteResult):
-                    self.cache[keys[site]] = result
+                    self._keep(keys[site], result)
                     self.trained += 1
                 results[site] = result
                 continue
@@ -107,7 +132,7 @@ def prepare_phantom_sites(plan: FederationPlan, num_test: int = 4, log: Callable
     if not all(any(raw.glob(f"Dataset{i:03d}_*")) for i in ids):
         start = time.perf_counter()
         by_id = {int(s.dataset): s for s in plan.sites}
-        annotated = {n + 1: "+".join(t.key for t in by_id[i].stream) for n, i in enumerate(ids)}
+        annotated = {n + 1: "+".join(dict.fromkeys(t.key for t in by_id[i].stream)) for n, i in enumerate(ids)}
         phantom.write_cohort(raw, num_sites=len(ids), num_train=6, num_test=num_test, seed=plan.seed,
                              annotated=annotated, first_dataset_id=ids[0])
         log(f"[bench] phantom cohort {ids} (seed {plan.seed}): {time.perf_counter() - start:.0f} s")
@@ -118,25 +143,45 @@ def prepare_phantom_sites(plan: FederationPlan, num_test: int = 4, log: Callable
 
 
 def task_iterations(plan: FederationPlan) -> dict[str, int]:
-    """Training iterations the federation spends on each task: site-rounds × epochs × iterations per epoch."""
-    per_round = plan.local.epochs * plan.local.iterations_per_epoch
+    """Training iterations the federation spends on each task: Σ over site-rounds of epochs × iterations per epoch."""
     spent: dict[str, int] = {}
     for round_number in range(1, plan.total_rounds + 1):
+        per_round = plan.epochs_in(round_number) * plan.local.iterations_per_epoch
         for task in plan.active_sites(round_number).values():
             spent[task.key] = spent.get(task.key, 0) + per_round
     return spent
 
 
-def run_centralized(plan: FederationPlan, work: Path, device: str = "cpu", first_pooled_id: int = 950,
-                    log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+def first_met_round(plan: FederationPlan, task_key: str) -> int:
+    """The round in which some site trains ``task_key`` for the first time."""
+    return next(r for r in range(1, plan.total_rounds + 1)
+                if any(t.key == task_key for t in plan.active_sites(r).values()))
+
+
+def reference_donors(plan: FederationPlan, task_key: str) -> list[FittedTask]:
+    """What the centralized reference may start ``task_key`` from: the tasks the federation had fitted when it
+    met ``task_key`` (first met in an earlier round), each with the last round it was trained before then —
+    so :func:`~nnunet_feddah.method.donor.choose_donor` picks the donor FedDAH's allocation picks."""
+    start = first_met_round(plan, task_key)
+    return [FittedTask(t.key, tuple(t.labels), plan.last_trained_round(t, start - 1))
+            for t in plan.tasks if first_met_round(plan, t.key) < start]
+
+
+def run_centralized(plan: FederationPlan, work: Path, base: Mapping[str, Any], device: str = "cpu",
+                    first_pooled_id: int = 950, log: Callable[[str], None] = print
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The centralized reference of one seed: per task one nnU-Net on the pooled cases of its annotating
     sites for the iterations the federation spent on it, evaluated on every site's held-out cases.
 
-    Returns ``(evaluation, stats)`` shaped like a strategy's, with one time step (the end of the stream)
-    and no forgetting/BWT (the reference never learns tasks one after another). Resumes from its JSON.
+    Same start as the federation: a task the federation meets after others starts from the reference's own
+    model of the donor FedDAH would use (:func:`reference_donors`, head rows by the same rule from ``base``,
+    the network's organ-slot weights), the first task from nnU-Net's initialisation. Returns
+    ``(evaluation, stats)`` shaped like a strategy's, with one time step (the end of the stream) and no
+    forgetting/BWT (the reference never learns tasks one after another). Resumes from its JSON.
     """
     import torch
 
+    from nnunet_feddah.nnunet.network import is_head
     from nnunet_feddah.results.centralized import train_centralized
     from nnunet_feddah.results.evaluate import evaluate_task, load_test_set
     from nnunet_feddah.results.inference import TaskModel
@@ -148,10 +193,17 @@ def run_centralized(plan: FederationPlan, work: Path, device: str = "cpu", first
     started = time.perf_counter()
     test_sets = {s: load_test_set(plan, s, log=lambda *_: None) for s in plan.site_names}
     iterations = task_iterations(plan)
-    final, per_site, train_s, model_bytes = {}, {}, 0.0, 0
+    final, per_site, train_s, model_bytes, trained, donors = {}, {}, 0.0, 0, {}, {}
+    heads = [name for name in base if is_head(name)]  # base: the organ-slot network, one head row per organ
     for index, task in enumerate(plan.tasks):
+        start_file = None
+        start = donor_start(task.labels, reference_donors(plan, task.key), trained.__getitem__, base, heads)
+        if start is not None:
+            donors[task.key] = start[0]
+            start_file = save_weights(work / f"start_{task.key}.safetensors", start[1], {"donor": start[0]})
         weights, metrics = train_centralized(plan, task.key, iterations[task.key], dataset_id=first_pooled_id + index,
-                                             work_dir=work, seed=plan.seed, device=device)
+                                             work_dir=work, initial_weights=start_file, seed=plan.seed, device=device)
+        trained[task.key] = weights
         train_s += metrics["wall_time_s"]["train"]
         model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         scores = {}
@@ -162,7 +214,8 @@ def run_centralized(plan: FederationPlan, work: Path, device: str = "cpu", first
                 scores[site] = evaluate_task(test_set, model)["dice"]
         per_site[task.key] = scores
         final[task.key] = nanmean(list(scores.values()))
-        log(f"[bench] centralized {task.key:<9} {iterations[task.key]} it on {metrics['pooled_sites']}: "
+        log(f"[bench] centralized {task.key:<9} {iterations[task.key]} it from "
+            f"{donors.get(task.key, 'initialisation')} on {[s['site'] for s in metrics['pooled_sites']]}: "
             f"Dice {final[task.key]:.3f}")
     keys = [t.key for t in plan.tasks]
     last_step = plan.time_steps[-1]
@@ -174,7 +227,8 @@ def run_centralized(plan: FederationPlan, work: Path, device: str = "cpu", first
         "old_tasks": [], "final_dice": final, "seconds": time.perf_counter() - started,
     }
     stats = {"server_bytes": model_bytes * len(keys), "server_update_s": 0.0, "wall_s": train_s,
-             "bytes_per_site_round": 0, "site_rounds": 0, "rounds": 0, "task_iterations": iterations}
+             "bytes_per_site_round": 0, "site_rounds": 0, "rounds": 0, "task_iterations": iterations,
+             "donors": donors}
     atomic_write_json(done, {"evaluation": evaluation, "stats": stats})
     return evaluation, stats
 
@@ -196,7 +250,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         prepare_phantom_sites(plan, log=log)
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
-    executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device))
+    executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device), store=work / "replay")
     results: dict[str, tuple[dict, dict]] = {}
     work.mkdir(parents=True, exist_ok=True)
     for name in strategies:
@@ -224,7 +278,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
             f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation "
             f"{evaluation['seconds']:.0f} s")
     if centralized:
-        results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, device, log=log)
+        results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, base, device, log=log)
     if counts is not None:
         counts["trained_jobs"] = counts.get("trained_jobs", 0) + executor.trained
         counts["replayed_jobs"] = counts.get("replayed_jobs", 0) + executor.replayed
