@@ -299,8 +299,8 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
     if reader.problems:
         raise FederationPlanError(source, reader.problems)
     return FederationPlan(name=name, plans_identifier=plans_identifier, sites=tuple(sites), rounds_per_step=rps,
-                          local=local, strategy=strategy, total_epochs=total, round_epochs=round_epochs, round_deadline_s=deadline, seed=seed,
-                          nnunet_root=root, source=source)
+                          local=local, strategy=strategy, total_epochs=total, round_epochs=round_epochs,
+                          round_deadline_s=deadline, seed=seed, nnunet_root=root, source=source)
 
 
 def load_plan(path: os.PathLike | str) -> FederationPlan:
