@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.initial_lr)
     parser.add_argument("--template", default=defaults.plans_template, help="bundled plans template or a path")
+    parser.add_argument("--train-cases", type=int, default=defaults.num_train,
+                        help="phantom training cases (held-out cases stay at 4); use a fresh --work per value")
     parser.add_argument("--donor", help="start every organ from this task's trained network (FedDAH's donor rule)")
     parser.add_argument("--donor-iterations", type=int, default=defaults.donor_iterations)
     parser.add_argument("--work", default=str(REPO / "work" / "bench_learning"))
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(nnunet_env(work))
     settings = CurveSettings(organs=tuple(args.organs), seeds=tuple(args.seeds), iterations=args.iterations,
                              chunk=args.chunk, optimizer=args.optimizer, initial_lr=args.lr,
-                             plans_template=args.template, device=args.device, donor=args.donor,
+                             plans_template=args.template, num_train=args.train_cases, device=args.device, donor=args.donor,
                              donor_iterations=args.donor_iterations)
     started = time.perf_counter()
     result = run_learning_curves(settings, work)

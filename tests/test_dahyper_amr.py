@@ -176,3 +176,45 @@ def test_encoder_switch_changes_codes_only_when_enabled(base):
     without = DAHyper(base, is_head, DAHyperConfig(layer_encoder=False))
     assert torch.count_nonzero(without.params["encoder::F"]) == 0
     assert torch.count_nonzero(with_encoder.params["encoder::F"]) > 0
+
+
+def test_round_combines_changes_by_training_cases_and_weighs_a_new_source_by_ws(base):
+    """W* = S + Σ c_i k_i (W_i − S): a, b continue (k = 1), c is new to the task (k = 1 − W_s)."""
+    from nnunet_feddah.method.aggregate import Contribution
+
+    amr = make_amr(base)
+    amr.allocate("liver", [6])
+    first = [Contribution(s, trained_like(amr.hyper, "liver", i, scale=1.0), n) for i, (s, n) in
+             enumerate([("a", 1), ("b", 3)])]
+    reports = amr.update_round({"liver": first}, round_index=1)["liver"]
+    assert [r.case_weight for r in reports] == [0.25, 0.75] and reports[0].rebased
+    sent = amr.hyper.generate("liver")
+    uploads = {s: trained_like(amr.hyper, "liver", 10 + i) for i, s in enumerate("abc")}
+    cases = {"a": 1, "b": 2, "c": 5}
+    reports = amr.update_round({"liver": [Contribution(s, uploads[s], cases[s]) for s in "cba"]}, round_index=2)
+    by_source = {r.source: r for r in reports["liver"]}
+    assert [r.source for r in reports["liver"]] == ["c", "b", "a"]  # reports follow the order given
+    assert by_source["a"].similarity is None and by_source["b"].similarity is None
+    w_s = by_source["c"].similarity
+    assert 0 < w_s <= 0.5 and by_source["c"].keep == pytest.approx(1 - w_s)
+    expected = {k: v.double() + sum(cases[s] / 8 * (1 - (w_s if s == "c" else 0)) * (uploads[s][k].double() - v.double())
+                                    for s in "abc") for k, v in sent.items()}
+    generated = amr.hyper.generate("liver")
+    for k in ("encoder.stages.0.0.convs.0.conv.weight", "decoder.seg_layers.0.weight"):
+        torch.testing.assert_close(generated[k].double(), expected[k], rtol=0, atol=1e-6)
+    assert by_source["a"].update_lost < 1e-4 and by_source["a"].generator_lost > by_source["a"].update_lost
+
+
+def test_compression_modes(base):
+    """'active' drops an idle task's residual (reported), 'never' keeps none, 'always' keeps every one."""
+    sizes = {}
+    for mode in ("active", "never", "always"):
+        amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals=mode))
+        amr.allocate("kidneys", [2, 3])
+        amr.update("kidneys", trained_like(amr.hyper, "kidneys", 1, scale=1.0), round_index=1, source="a")
+        amr.allocate("liver", [6])
+        amr.update("liver", trained_like(amr.hyper, "liver", 2), round_index=2, source="a")
+        sizes[mode] = (sorted(amr.hyper.residuals), [e["task"] for e in amr.compressed])
+    assert sizes == {"active": (["liver"], ["kidneys"]), "never": ([], []), "always": (["kidneys", "liver"], [])}
+    with pytest.raises(ValueError, match="exact_residuals"):
+        AMRConfig(exact_residuals="sometimes")

@@ -140,8 +140,8 @@ def test_shared_rule_gives_identical_starts_for_identical_donor_weights(base):
                 model[name] = tensor.clone()
     a, c = feddah.task_weights("A"), feddah.task_weights("C")  # before B's fit nudges them (β·L_R is soft)
     targets = []
-    fit = feddah.amr._fit
-    feddah.amr._fit = lambda key, target, upload, **kw: targets.append(target) or fit(key, target, upload, **kw)
+    fit = feddah.amr._fit_allocation
+    feddah.amr._fit_allocation = lambda key, target, start: targets.append(target) or fit(key, target, start)
     feddah.weights_for("s3", "B", [2, 3, 5], 4)
     ours = donor.weights_for("s3", "B", [2, 3, 5], 4)
     assert_bit_identical(ours, targets[0])

@@ -23,6 +23,7 @@ import torch
 from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.method.aggregate import change_lost, norm
 from nnunet_feddah.method.registry import make_strategy
 from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
@@ -71,21 +72,6 @@ Executor = Callable[[Mapping[str, SiteJob], float], Mapping[str, "SiteResult | B
 def plan_hash(plan: FederationPlan) -> str:
     """Identity of a plan's content, so a state folder is never resumed under another plan."""
     return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in tensors.values() if v.is_floating_point()))
-
-
-def update_lost(sent: Mapping[str, torch.Tensor], uploaded: Mapping[str, torch.Tensor],
-                after: Mapping[str, torch.Tensor]) -> float:
-    """‖after − uploaded‖ / ‖uploaded − sent‖: the fraction of a site's round of training the server lost.
-
-    Relative L2 against the whole weight vector hides this (a round moves the weights by a few percent),
-    so fidelity is judged against the site's own change. For FedAvg it also measures the averaging.
-    """
-    lost = _norm({k: after[k].double() - v.double() for k, v in uploaded.items()})
-    return lost / max(_norm({k: v.double() - sent[k].double() for k, v in uploaded.items()}), 1e-12)
 
 
 def _is_number(value: Any) -> bool:
@@ -145,11 +131,11 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
     bad = non_finite(result.weights)
     if bad:
         raise UploadRejected(f"NaN/Inf in {bad[:3]}")
-    change = _norm({k: result.weights[k].double() - job.weights[k].double() for k in job.weights}) / max(
-        _norm(job.weights), 1e-12)
+    change = norm({k: result.weights[k].double() - job.weights[k].double() for k in job.weights}) / max(
+        norm(job.weights), 1e-12)
     if change > max_relative_change:
         raise UploadRejected(f"relative change {change:.3f} of the weights exceeds the bound {max_relative_change}")
-    ratio = _norm(result.weights) / max(_norm(job.weights), 1e-12)
+    ratio = norm(result.weights) / max(norm(job.weights), 1e-12)
     if not 1 / NORM_RATIO_BOUND <= ratio <= NORM_RATIO_BOUND:
         raise UploadRejected(f"the weights' norm is {ratio:.3f}× what was sent, outside [1/{NORM_RATIO_BOUND}, "
                              f"{NORM_RATIO_BOUND}] (a collapsed or scaled upload)")
@@ -178,10 +164,12 @@ class RoundSummary:
     update_s: float = 0.0
     checkpoint_s: float = 0.0
     seconds: float = 0.0
+    strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's notes on the update
 
     def to_json(self) -> dict[str, Any]:
-        return {"round": self.round, "sites": self.sites, "update_s": self.update_s,
-                "checkpoint_s": self.checkpoint_s, "seconds": self.seconds}
+        out = {"round": self.round, "sites": self.sites, "update_s": self.update_s,
+               "checkpoint_s": self.checkpoint_s, "seconds": self.seconds}
+        return {**out, "strategy": self.strategy} if self.strategy else out
 
 
 class Coordinator:
@@ -275,9 +263,12 @@ class Coordinator:
         reports = self.strategy.update(uploads, round_index) if uploads else []
         for (job, result), report in zip(accepted, reports, strict=True):
             kept = {k: v for k, v in report.items() if k in (
-                "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift")}
-            kept["update_lost"] = update_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
+                "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift", "update_lost",
+                "generator_lost", "case_weight", "keep", "contributions")}
+            # the share of this site's own change the weights sent next lack (averaging and W_s included)
+            kept["site_change_lost"] = change_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
             summary.sites[job.site]["update"] = kept
+        summary.strategy = self.strategy.update_notes() if uploads else {}
         summary.update_s = time.perf_counter() - start
         if self.before_commit is not None:
             self.before_commit()
@@ -329,11 +320,16 @@ class Coordinator:
             if line["status"] == "accepted":
                 dice = " ".join(f"{k}={v:.3f}" for k, v in (line.get("dice") or {}).items() if v is not None)
                 loss = line.get("train_loss")
+                update = line.get("update", {})
+                lost = f" update lost {update['update_lost']:.4f}" if "update_lost" in update else ""
                 self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
-                         f"{line['task']:<16} dice {dice or '-'} loss {loss:.3f} {line.get('seconds', 0):.1f}s")
+                         f"{line['task']:<16} dice {dice or '-'} loss {loss:.3f} {line.get('seconds', 0):.1f}s{lost}")
             else:
                 self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
                          f"{line['task']:<16} REJECTED: {line['reason']}")
+        for event in summary.strategy.get("compressed", []):
+            self.log(f"round {summary.round}/{total} {event['task']} went idle: compressed, "
+                     f"{event['lost_of_delta']:.1%} of its change from the base dropped")
         accepted = sum(1 for v in summary.sites.values() if v["status"] == "accepted")
         self.log(f"round {summary.round}/{total} done: {accepted}/{len(summary.sites)} uploads accepted, "
                  f"update {summary.update_s:.1f}s, checkpoint {summary.checkpoint_s:.1f}s, "

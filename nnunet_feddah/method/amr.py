@@ -6,10 +6,19 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   are those of the registered task sharing most organs (organ-keyed head rows are reused per organ), so
   a site starting a new task starts from what the federation knows (the rule is
   :mod:`nnunet_feddah.method.donor`, shared with the ``fedavg-per-task-donor`` baseline).
-* **Task already registered, upload from a new source** (another site, or a later time step) → W_s from
-  a Jensen–Shannon divergence between the task's historical weights and the upload; the target is
-  ``W* = W_s·W_hist + (1 − W_s)·W_up`` (similar → more weight on history). Consecutive rounds of the same
-  site on the same task continue that site's training and take the upload as it is.
+* **One aggregation per task per round** (:meth:`AMR.update_round`, :mod:`.aggregate`): every upload of
+  the task in the round started from the weights ``S`` that were sent, and their changes are combined in
+  one step, weighted by training cases, independent of arrival order:
+  ``W* = S + Σ_i c_i k_i (W_i − S)``. ``k_i = 1 − W_s`` for an upload from a *new source* of a task with
+  history (W_s from a Jensen–Shannon divergence between the history ``S`` and the upload: similar → more
+  weight on history), ``k_i = 1`` for a site that contributed to the task's previous round (it continues
+  its own training) and for a task's first fit.
+* **The federation's base** is the first round's consensus (case-weighted mean of its targets, head rows
+  per organ), not one site's upload.
+* **Exact while active** (``exact_residuals="active"``): after the generators are refitted, what they
+  cannot express of ``W*`` is kept as the task's exact residual, so the weights sent next reproduce the
+  round's aggregation; a task that gets no upload in a round is compressed once (its residual dropped;
+  the loss is reported). ``"never"`` keeps only the generators, ``"always"`` never compresses.
 * **Recalibration** minimises ``L_hyper = L_task + β·L_R`` with
   ``L_task = ‖g_T(θ) − g*_T‖²`` and ``L_R = Σ_{t≠T} ‖g_t(θ) − g_t(θ_before)‖²`` over the generator
   outputs ``g`` (dense deltas, low-rank factors, head rows). Because stage 2 is linear in its weights
@@ -23,14 +32,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from nnunet_feddah.method.aggregate import Contribution, case_weights, change_lost, combine, in_source_order, norm
 from nnunet_feddah.method.dahyper import DAHyper
 from nnunet_feddah.method.donor import FittedTask, donor_start
 
 SOLVERS = ("closed_form", "adam")
+EXACT_RESIDUALS = ("active", "never", "always")
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class AMRConfig:
     fixed_similarity: float = 0.5
     max_history_weight: float = 0.5  # W_s = max_history_weight · (1 − JS)
     js_bins: int = 32
+    exact_residuals: str = "active"  # keep what the generators miss while a task is trained ("never", "always")
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.ridge <= 0:
@@ -52,27 +64,36 @@ class AMRConfig:
             raise ValueError(f"AMRConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.similarity not in ("js", "fixed"):
             raise ValueError(f"AMRConfig.similarity must be 'js' or 'fixed', got {self.similarity!r}")
+        if self.exact_residuals not in EXACT_RESIDUALS:
+            raise ValueError(f"AMRConfig.exact_residuals must be one of {EXACT_RESIDUALS}, "
+                             f"got {self.exact_residuals!r}")
         if not 0 <= self.max_history_weight <= 1 or not 0 <= self.fixed_similarity <= 1:
             raise ValueError("AMRConfig: history weights must lie in [0, 1]")
 
 
 @dataclass
 class AMRReport:
-    """What one update did; every number is measured, not configured."""
+    """What one update did for one upload (or an allocation); every number is measured, not configured."""
 
     task: str
     new_task: bool
     rebased: bool
-    similarity: float | None  # W_s (None: upload used as it is)
+    similarity: float | None  # W_s (None: the upload's change is kept whole, k = 1)
     js_divergence: float | None
     loss_task_before: float
     loss_task_after: float
     loss_reg_after: float
     steps: int
     seconds: float
-    fidelity_rel_l2: float  # generated after update vs the target W*
+    fidelity_rel_l2: float  # ‖generated − W*‖ / ‖W*‖ after the update: whole-vector, looks tiny whatever is lost
     upload_rel_l2: float  # generated after update vs the raw upload
-    drift: dict[str, float] = field(default_factory=dict)  # other task -> relative L2 change
+    drift: dict[str, float] = field(default_factory=dict)  # task not in this round -> relative L2 change
+    source: str | None = None
+    case_weight: float = 1.0  # c_i: the upload's share of the round's training cases for the task
+    keep: float = 1.0  # k_i: share of the upload's change the aggregation keeps on purpose (1 − W_s or 1)
+    contributions: int = 1  # uploads of the task combined in this round
+    update_lost: float = 0.0  # ‖generated − W*‖ / ‖W* − sent‖: what the round's aggregated update lost
+    generator_lost: float = 0.0  # the same for the generators alone (the residual dropped)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,6 +129,10 @@ def js_divergence(history: Mapping[str, torch.Tensor], candidate: Mapping[str, t
     return float(sum(scores) / len(scores)) if scores else 0.0
 
 
+def _on_cpu(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
+
+
 def _kl_bits(x: torch.Tensor, m: torch.Tensor) -> float:
     mask = x > 0
     return float((x[mask] * torch.log2(x[mask] / m[mask])).sum())
@@ -119,6 +144,7 @@ class AMR:
     def __init__(self, hyper: DAHyper, config: AMRConfig | None = None) -> None:
         self.hyper = hyper
         self.config = config or AMRConfig()
+        self.compressed: list[dict] = []  # tasks compressed by the last update_round, with what it cost
 
     # ------------------------------------------------------------------ allocation of new tasks
     def allocate(self, key: str, organs: Sequence[int], round_index: int | None = None) -> AMRReport:
@@ -129,9 +155,9 @@ class AMR:
         allocation = donor_start(record.organs, self.fitted_tasks(exclude=key), hyper.generate, hyper.base,
                                  [u.name for u in hyper.units if u.kind == "head"])
         if allocation is None:  # nothing learned yet: the new task generates the base (G is still zero)
-            return self._report(key, True, False, None, None, 0.0, 0, start, {}, {}, None)
+            return self._allocation_report(key, 0.0, 0, start, {}, {})
         _, target = allocation
-        return self._fit(key, target, target, new_task=True, start=start)
+        return self._fit_allocation(key, target, start)
 
     def fitted_tasks(self, exclude: str | None = None) -> list[FittedTask]:
         """The tasks a new one may start from (an upload was fitted), in registration order."""
@@ -140,68 +166,151 @@ class AMR:
 
     # ------------------------------------------------------------------ recalibration
     def update(self, key: str, upload: Mapping[str, torch.Tensor], *, round_index: int | None = None,
-               source: str | None = None, weigh_history: bool | None = None) -> AMRReport:
-        """Fit the task to an upload. ``weigh_history`` defaults to "upload from a new source" (see module doc).
+               source: str | None = None, num_training_cases: int = 1) -> AMRReport:
+        """One upload as its task's whole round (:meth:`update_round` with a single contribution)."""
+        contribution = Contribution(source or "unknown", upload, num_training_cases)
+        return self.update_round({key: [contribution]}, round_index)[key][0]
 
-        The upload is checked completely before anything changes.
+    def update_round(self, contributions: Mapping[str, Sequence[Contribution]],
+                     round_index: int | None = None) -> dict[str, list[AMRReport]]:
+        """Fold one round's uploads in: one aggregation and one fit per task, independent of arrival order.
+
+        Returns, per task, one report per contribution in the order given. Every upload is checked before
+        anything changes; tasks are fitted in key order, contributions combined in source order, so the
+        same uploads in any order give bit-identical states.
         """
         start = time.perf_counter()
         hyper = self.hyper
-        if key not in hyper.tasks:
-            raise KeyError(f"task {key!r} is not registered; allocate it before updating")
-        hyper.check_target(key, upload, source=f"upload from {source or 'unknown source'}")
-        record = hyper.tasks[key]
-        upload = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in upload.items()}
-        if weigh_history is None:
-            weigh_history = bool(record.rounds_seen) and (not record.contributors or record.contributors[-1] != source)
-        similarity = js = None
-        target = upload
-        if weigh_history and record.rounds_seen:
-            history = hyper.generate(key)
-            js = js_divergence(history, upload, self.config.js_bins)
-            similarity = (self.config.fixed_similarity if self.config.similarity == "fixed"
-                          else self.config.max_history_weight * (1.0 - js))
-            target = {k: similarity * history[k] + (1 - similarity) * upload[k] if v.is_floating_point() else v
-                      for k, v in upload.items()}
-        if not hyper.has_base_fit:
-            report = self._rebase(key, target, upload, start, similarity, js)
-        else:
-            report = self._fit(key, target, upload, new_task=False, start=start, similarity=similarity, js=js)
-        if round_index is not None:
-            record.rounds_seen.append(round_index)
-            if record.first_round is None:
-                record.first_round = round_index
-        record.contributors.append(source or "unknown")
-        return report
+        rounds: dict[str, list[Contribution]] = {}
+        for key in sorted(contributions):
+            if key not in hyper.tasks:
+                raise KeyError(f"task {key!r} is not registered; allocate it before updating")
+            for c in contributions[key]:
+                hyper.check_target(key, c.weights, source=f"upload from {c.source}")
+            rounds[key] = [replace(c, weights=_on_cpu(c.weights)) for c in in_source_order(contributions[key])]
+        sent = {key: hyper.generate(key) for key in rounds}
+        aggregations = {key: self._aggregate(key, group, sent[key]) for key, group in rounds.items()}
+        targets = {key: a[0] for key, a in aggregations.items()}
+        snapshot = {t: hyper.generate(t) for t in hyper.tasks if t not in rounds}
+        loss_before = {key: relative_l2(sent[key], targets[key]) ** 2 for key in rounds}
+        rebased = not hyper.has_base_fit
+        if rebased:
+            self._rebase(targets, {key: sum(c.num_training_cases for c in group) for key, group in rounds.items()})
+        steps = 0
+        for key in rounds:
+            steps = self._solve(key, targets[key])
+        if self.config.exact_residuals != "never":
+            for key in rounds:
+                self._keep_residual(key, targets[key])
+        drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
+        self._bookkeep(rounds, round_index)
+        self.compressed = (self._compress_idle(set(rounds), round_index)
+                           if self.config.exact_residuals == "active" else [])
+        seconds = time.perf_counter() - start
+        reports: dict[str, list[AMRReport]] = {}
+        for key, group in rounds.items():
+            target, keeps, similarities, divergences = aggregations[key]
+            generated = hyper.generate(key)
+            common = dict(task=key, new_task=False, rebased=rebased, loss_task_before=loss_before[key],
+                          loss_task_after=relative_l2(generated, target) ** 2,
+                          loss_reg_after=sum(d ** 2 for d in drift.values()), steps=steps, seconds=seconds,
+                          fidelity_rel_l2=relative_l2(generated, target), drift=drift, contributions=len(group),
+                          update_lost=change_lost(sent[key], target, generated),
+                          generator_lost=change_lost(sent[key], target, hyper.generate(key, with_residual=False)))
+            by_source = {c.source: AMRReport(**common, source=c.source, case_weight=w, keep=k, similarity=ws,
+                                             js_divergence=js, upload_rel_l2=relative_l2(generated, c.weights))
+                         for c, w, k, ws, js in zip(group, case_weights(group), keeps, similarities, divergences,
+                                                    strict=True)}
+            reports[key] = [by_source[c.source] for c in contributions[key]]
+        return reports
 
-    def _rebase(self, key: str, target: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor],
-                start: float, similarity: float | None, js: float | None) -> AMRReport:
-        """First upload of the federation: it becomes the shared base, so it is represented exactly."""
-        hyper = self.hyper
-        slots = hyper.tasks[key].output_slots
-        before = hyper.generate(key)
-        for unit in hyper.units:
-            if unit.kind == "head":
-                hyper.base[unit.name][slots] = target[unit.name].to(hyper.base[unit.name].dtype)
+    def _aggregate(self, key: str, group: Sequence[Contribution], sent: Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], list[float], list[float | None], list[float | None]]:
+        """The task's target ``W*`` and, per contribution, k_i, W_s and the JS divergence behind it."""
+        record = self.hyper.tasks[key]
+        continuing = set(record.last_contributors or record.contributors[-1:])
+        keeps: list[float] = []
+        similarities: list[float | None] = []
+        divergences: list[float | None] = []
+        for c in group:
+            if record.rounds_seen and c.source not in continuing:
+                js = js_divergence(sent, c.weights, self.config.js_bins)
+                similarity = (self.config.fixed_similarity if self.config.similarity == "fixed"
+                              else self.config.max_history_weight * (1.0 - js))
+                keeps.append(1.0 - similarity)
+                similarities.append(similarity)
+                divergences.append(js)
             else:
-                hyper.base[unit.name] = target[unit.name].detach().clone().to(hyper.base[unit.name].dtype)
-        hyper.has_base_fit = True
-        loss_before = relative_l2(before, target) ** 2
-        return self._report(key, False, True, similarity, js, loss_before, 0, start, target, upload, None)
+                keeps.append(1.0)
+                similarities.append(None)
+                divergences.append(None)
+        return combine(sent, group, keeps), keeps, similarities, divergences
 
-    def _fit(self, key: str, target: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor], *,
-             new_task: bool, start: float, similarity: float | None = None, js: float | None = None) -> AMRReport:
+    def _rebase(self, targets: Mapping[str, Mapping[str, torch.Tensor]], cases: Mapping[str, int]) -> None:
+        """The federation's first fitted round becomes the shared base: the case-weighted mean of its task
+        targets (head rows per organ over the tasks that have it), so no site's model is privileged."""
         hyper = self.hyper
-        others = [t for t in hyper.tasks if t != key]
-        snapshot = {t: hyper.generate(t) for t in others}
-        loss_before = relative_l2(hyper.generate(key), target) ** 2
+        total = sum(cases.values())
+        for unit in hyper.units:
+            base = hyper.base[unit.name]
+            if not base.is_floating_point():
+                continue
+            if unit.kind != "head":
+                hyper.base[unit.name] = sum(targets[k][unit.name].double() * (cases[k] / total)
+                                            for k in targets).to(base.dtype)
+                continue
+            for slot in sorted({s for k in targets for s in hyper.tasks[k].output_slots}):
+                having = [k for k in targets if slot in hyper.tasks[k].output_slots]
+                weight = sum(cases[k] for k in having)
+                base[slot] = sum(targets[k][unit.name][hyper.tasks[k].output_slots.index(slot)].double() * cases[k]
+                                 for k in having).div(weight).to(base.dtype)
+        hyper.has_base_fit = True
+
+    def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> int:
+        """Refit the generators to ``target`` under ``β·L_R``; the number of optimiser steps."""
+        others = [t for t in self.hyper.tasks if t != key]
         if self.config.solver == "closed_form":
             self._solve_closed_form(key, target, others)
-            steps = 1
-        else:
-            steps = self._solve_adam(key, target, snapshot)
-        return self._report(key, new_task, False, similarity, js, loss_before, steps, start, target, upload,
-                            snapshot)
+            return 1
+        return self._solve_adam(key, target, {t: self.hyper.generate(t) for t in others})
+
+    def _keep_residual(self, key: str, target: Mapping[str, torch.Tensor]) -> None:
+        generated = self.hyper.generate(key, with_residual=False)
+        self.hyper.residuals[key] = {k: target[k] - v for k, v in generated.items() if v.is_floating_point()}
+
+    def _compress_idle(self, trained: set[str], round_index: int | None) -> list[dict]:
+        """Drop the residual of every task without an upload this round; what each drop cost, measured."""
+        hyper = self.hyper
+        events = []
+        for key in sorted(set(hyper.residuals) - trained):
+            exact = hyper.generate(key)
+            residual = hyper.residuals.pop(key)
+            base = hyper.base_view(key)
+            events.append({"task": key, "round": round_index,
+                           "lost_of_delta": norm(residual) / max(norm({k: exact[k] - v for k, v in base.items()
+                                                                       if v.is_floating_point()}), 1e-30),
+                           "lost_of_weights": norm(residual) / max(norm(exact), 1e-30)})
+        return events
+
+    def _bookkeep(self, rounds: Mapping[str, Sequence[Contribution]], round_index: int | None) -> None:
+        for key, group in rounds.items():
+            record = self.hyper.tasks[key]
+            if round_index is not None:
+                record.rounds_seen.append(round_index)
+                if record.first_round is None:
+                    record.first_round = round_index
+            record.contributors.extend(c.source for c in group)
+            record.last_contributors = [c.source for c in group]
+
+    def _fit_allocation(self, key: str, target: Mapping[str, torch.Tensor], start: float) -> AMRReport:
+        """Fit a new task's generators to its start weights (kept exact while it is active)."""
+        hyper = self.hyper
+        snapshot = {t: hyper.generate(t) for t in hyper.tasks if t != key}
+        loss_before = relative_l2(hyper.generate(key), target) ** 2
+        steps = self._solve(key, target)
+        if self.config.exact_residuals != "never":
+            self._keep_residual(key, target)
+        return self._allocation_report(key, loss_before, steps, start, target, snapshot)
 
     def _solve_closed_form(self, key: str, target: Mapping[str, torch.Tensor], others: list[str]) -> None:
         hyper = self.hyper
@@ -256,7 +365,7 @@ class AMR:
                  for t, w in [(key, target), *snapshot.items()]}
         for _ in range(cfg.adam_steps):
             optimizer.zero_grad()
-            generated = hyper.generate(key, params, embedding)
+            generated = hyper.generate(key, params, embedding, with_residual=False)
             loss = sum((generated[k] - v).pow(2).sum() for k, v in target.items() if v.is_floating_point()) / scale[key]
             if cfg.beta > 0:
                 for t, old in snapshot.items():
@@ -269,18 +378,15 @@ class AMR:
         hyper.embeddings[key] = embedding.detach()
         return cfg.adam_steps
 
-    def _report(self, key: str, new_task: bool, rebased: bool, similarity: float | None, js: float | None,
-                loss_before: float, steps: int, start: float, target: Mapping[str, torch.Tensor],
-                upload: Mapping[str, torch.Tensor], snapshot: Mapping[str, Mapping[str, torch.Tensor]] | None
-                ) -> AMRReport:
+    def _allocation_report(self, key: str, loss_before: float, steps: int, start: float,
+                           target: Mapping[str, torch.Tensor],
+                           snapshot: Mapping[str, Mapping[str, torch.Tensor]]) -> AMRReport:
         hyper = self.hyper
         generated = hyper.generate(key)
-        drift = {t: relative_l2(hyper.generate(t), old) for t, old in (snapshot or {}).items()}
-        loss_reg = sum(d ** 2 for d in drift.values())
+        drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
         fidelity = relative_l2(generated, target) if target else 0.0
         return AMRReport(
-            task=key, new_task=new_task, rebased=rebased, similarity=similarity, js_divergence=js,
-            loss_task_before=loss_before, loss_task_after=fidelity ** 2, loss_reg_after=loss_reg, steps=steps,
-            seconds=time.perf_counter() - start, fidelity_rel_l2=fidelity,
-            upload_rel_l2=relative_l2(generated, upload) if upload else 0.0, drift=drift)
-
+            task=key, new_task=True, rebased=False, similarity=None, js_divergence=None,
+            loss_task_before=loss_before, loss_task_after=fidelity ** 2, loss_reg_after=sum(d ** 2 for d in drift.values()),
+            steps=steps, seconds=time.perf_counter() - start, fidelity_rel_l2=fidelity,
+            upload_rel_l2=fidelity, drift=drift, source=None)

@@ -18,6 +18,11 @@ Plain torch: it knows tensor names and shapes, never nnU-Net. The structure (see
   organ embeddings ``e``. Tasks with different organ counts share one DAHyper, and a new task can start
   from the rows an organ already learned in another task.
 
+* **Exact residual of an active task** (``residuals``): what the generators cannot express of the task's
+  latest aggregation target, stored as full tensors while the task is being trained, so that a round's
+  work reaches the next round whole. AMR drops it when the task goes idle (docs/METHOD.md); it counts in
+  :meth:`DAHyper.nbytes` and in the checkpoint.
+
 Why a shared base plus deltas instead of generating every weight from scratch: fidelity comes first
 (a generated model worse than the upload throws away a site's work), and a hypernetwork that must emit
 all 30 M AMOS weights from a 32-dimensional embedding cannot reproduce a trained network. Measured in
@@ -69,6 +74,7 @@ class TaskRecord:
     first_round: int | None = None
     rounds_seen: list[int] = field(default_factory=list)
     contributors: list[str] = field(default_factory=list)
+    last_contributors: list[str] = field(default_factory=list)  # sources of the most recent fitted round
 
     @property
     def output_slots(self) -> list[int]:
@@ -153,6 +159,7 @@ class DAHyper:
         self.params["organs::embedding"] = torch.randn(cfg.num_organ_slots, cfg.organ_embedding_dim,
                                                        generator=generator)
         self.embeddings: dict[str, torch.Tensor] = {}
+        self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # task -> exact remainder while it is active
         self.tasks: dict[str, TaskRecord] = {}
         self._generator = generator
         self.has_base_fit = False  # becomes True when the base is set from the first upload
@@ -177,6 +184,11 @@ class DAHyper:
         """Names and shapes of the tensors :meth:`generate` returns for a task."""
         rows = len(self.tasks[key].output_slots)
         return {u.name: ((rows, *u.shape[1:]) if u.kind == "head" else u.shape) for u in self.units}
+
+    def base_view(self, key: str) -> dict[str, torch.Tensor]:
+        """The shared base as the task sees it: trunk tensors, head rows of the task's output slots."""
+        slots = self.tasks[key].output_slots
+        return {u.name: self.base[u.name][slots] if u.kind == "head" else self.base[u.name] for u in self.units}
 
     # ------------------------------------------------------------------ stage 1
     def codes(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
@@ -225,14 +237,19 @@ class DAHyper:
         return base[list(slots)] + rows.reshape(len(slots), *unit.shape[1:])
 
     def generate(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
-                 embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The complete weights of the task's network: ``{unique name: tensor}``, heads with 1+K rows."""
+                 embedding: torch.Tensor | None = None, with_residual: bool = True) -> dict[str, torch.Tensor]:
+        """The complete weights of the task's network: ``{unique name: tensor}``, heads with 1+K rows.
+
+        ``with_residual=False`` gives what the generators alone produce (what is left once the task's exact
+        residual is dropped)."""
         if key not in self.tasks:
             raise KeyError(f"task {key!r} is not registered; known tasks: {sorted(self.tasks) or 'none'}")
         codes = self.codes(key, params, embedding)
         slots = self.tasks[key].output_slots
+        residual = self.residuals.get(key, {}) if with_residual else {}
         with torch.set_grad_enabled(params is not None):
-            return {u.name: self.generate_unit(u, codes.get(u.name), slots, params) for u in self.units}
+            out = {u.name: self.generate_unit(u, codes.get(u.name), slots, params) for u in self.units}
+        return {k: v + residual[k] if k in residual else v for k, v in out.items()}
 
     # ------------------------------------------------------------------ checks
     def check_target(self, key: str, target: Mapping[str, torch.Tensor], source: str = "target") -> None:
@@ -246,7 +263,8 @@ class DAHyper:
 
     # ------------------------------------------------------------------ sizes
     def nbytes(self) -> int:
-        tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values()]
+        tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values(),
+                   *(v for r in self.residuals.values() for v in r.values())]
         return sum(v.numel() * v.element_size() for v in tensors)
 
     # ------------------------------------------------------------------ state
@@ -255,6 +273,7 @@ class DAHyper:
         tensors = {f"param/{k}": v for k, v in self.params.items()}
         tensors.update({f"base/{k}": v for k, v in self.base.items()})
         tensors.update({f"embedding/{k}": v for k, v in self.embeddings.items()})
+        tensors.update({f"residual/{t}/{k}": v for t, r in self.residuals.items() for k, v in r.items()})
         tensors["rng/state"] = self._generator.get_state()
         info = {
             "config": asdict(self.config),
@@ -275,6 +294,10 @@ class DAHyper:
         hyper.params = {k: tensors[f"param/{k}"].clone() for k in hyper.params}
         hyper.tasks = {t["key"]: TaskRecord(**t) for t in info["tasks"]}
         hyper.embeddings = {k: tensors[f"embedding/{k}"].clone() for k in hyper.tasks}
+        for name, tensor in tensors.items():
+            if name.startswith("residual/"):
+                _, task, unit = name.split("/", 2)
+                hyper.residuals.setdefault(task, {})[unit] = tensor.clone()
         hyper._generator.set_state(tensors["rng/state"].clone())
         hyper.has_base_fit = bool(info["has_base_fit"])
         return hyper

@@ -50,8 +50,11 @@ class OrganKeyedModels:
         return {k: (v[task_slots(organs)].clone() if k in self.heads else v.clone()) for k, v in model.items()}
 
     def average_into(self, name: str, uploads: Sequence[Upload]) -> None:
-        """Case-weighted mean of the trunk over all uploads; head rows per organ over uploads that have it."""
+        """Case-weighted mean of the trunk over all uploads; head rows per organ over uploads that have it.
+
+        Summed in site order, so the arrival order of a round's uploads does not change a bit."""
         model = self.model(name)
+        uploads = sorted(uploads, key=lambda u: u.site)
         total = sum(u.num_training_cases for u in uploads)
         for key, tensor in model.items():
             if not tensor.is_floating_point():

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from nnunet_feddah.method.aggregate import Contribution
 from nnunet_feddah.method.amr import AMR, AMRConfig
 from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
 from nnunet_feddah.method.hypernet_file import load_hypernet, read_hypernet_metadata, save_hypernet
@@ -50,8 +51,17 @@ class FedDAHStrategy(Strategy):
         return self.hyper.generate(task)
 
     def update(self, uploads: Sequence[Upload], round_index: int) -> list[dict[str, Any]]:
-        return [self.amr.update(u.task, u.weights, round_index=round_index, source=u.site).to_json()
-                for u in uploads]
+        """One AMR aggregation and fit per task of the round (order-free); reports in upload order."""
+        by_task: dict[str, list[Contribution]] = {}
+        for u in uploads:
+            by_task.setdefault(u.task, []).append(Contribution(u.site, u.weights, u.num_training_cases))
+        reports = self.amr.update_round(by_task, round_index)
+        remaining = {task: iter(group) for task, group in reports.items()}
+        return [next(remaining[u.task]).to_json() for u in uploads]
+
+    def update_notes(self) -> dict[str, Any]:
+        """Tasks the last update compressed (went idle) and the share of their weights that cost."""
+        return {"compressed": list(self.amr.compressed)} if self.amr.compressed else {}
 
     def task_weights(self, task: str) -> Tensors:
         return self.hyper.generate(task)

@@ -75,6 +75,10 @@ class Strategy(ABC):
     def update(self, uploads: Sequence[Upload], round_index: int) -> list[dict[str, Any]]:
         """Fold the round's accepted uploads in; returns one JSON-able report per upload, in upload order."""
 
+    def update_notes(self) -> dict[str, Any]:
+        """What the last :meth:`update` did beyond the uploads' reports (JSON-able; logged with the round)."""
+        return {}
+
     @abstractmethod
     def task_weights(self, task: str) -> Tensors:
         """The weights a task ends with (what is exported); ``KeyError`` if no upload of it was accepted."""

@@ -210,9 +210,19 @@ def run_stats(state_dir: os.PathLike | str) -> dict[str, Any]:
     accepted = [line for h in history for line in h["sites"].values() if line["status"] == "accepted"]
     site_rounds = len(accepted)
     lost = [line["update"]["update_lost"] for line in accepted if "update_lost" in line.get("update", {})]
+    site_lost = [line["update"]["site_change_lost"] for line in accepted
+                 if "site_change_lost" in line.get("update", {})]
+    compressed = [event for h in history for event in h.get("strategy", {}).get("compressed", [])]
     return {
-        # mean share of a site's change that the weights sent next no longer contain (issue 13 tracks it)
-        "update_lost_mean": float(sum(lost) / len(lost)) if lost else None,
+        # share of the round's aggregated update the weights sent next lack (only strategies that compress
+        # report it; the FedAvg family stores its averages exactly)
+        "update_lost_mean": _mean(lost),
+        "update_lost_max": max(lost) if lost else None,
+        "uploads_over_1pct_lost": sum(1 for x in lost if x > 0.01) if lost else None,
+        # share of a site's own change they lack: the aggregation's averaging and W_s included
+        "site_change_lost_mean": _mean(site_lost),
+        "compressions": len(compressed),
+        "compression_lost_of_delta_mean": _mean([e["lost_of_delta"] for e in compressed]),
         "server_bytes": int(strategy.bytes_held()),
         "server_update_s": float(sum(h.get("update_s", 0.0) for h in history)),
         "wall_s": float(sum(h.get("seconds", 0.0) + h.get("checkpoint_s", 0.0) for h in history)),
@@ -220,6 +230,10 @@ def run_stats(state_dir: os.PathLike | str) -> dict[str, Any]:
         "site_rounds": site_rounds,
         "rounds": len(history),
     }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
 
 
 def _trained_tasks(history: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -325,8 +325,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                  f"whose interval contains 0 is unresolved: it is not a result.")
     lines.append("")
     lines += ["| strategy | seeds | final mean Dice | forgetting | BWT | server memory MB (= models) | "
-              "server update (s) | wall (s) | MB per site-round | Δ final mean Dice vs feddah [95 % CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "server update (s) | wall (s) | MB per site-round | update lost, mean (max) | site's change lost | "
+              "Δ final mean Dice vs feddah [95 % CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in report["strategies"].items():
         ci = e.get("ci95", {})
         model_bytes = e["bytes_per_site_round"] / 2  # one model's weights (down + up = 2 models per site-round)
@@ -340,8 +341,15 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"{format_mean_ci(e['server_bytes'], ci.get('server_bytes'), '.2f', 1e6)}{models} | "
             f"{format_mean_ci(e['server_update_s'], ci.get('server_update_s'), '.1f')} | "
             f"{format_mean_ci(e['wall_s'], ci.get('wall_s'), '.0f')} | {e['bytes_per_site_round'] / 1e6:.2f} | "
-            f"{paired} |")
+            f"{_lost(e)} | {format_metric(e.get('site_change_lost_mean'))} | {paired} |")
     return "\n".join(lines)
+
+
+def _lost(entry: Mapping[str, Any]) -> str:
+    """``update_lost`` of a strategy that compresses (mean over uploads, and the worst upload); – otherwise."""
+    if entry.get("update_lost_mean") is None:
+        return "–"
+    return f"{format_metric(entry['update_lost_mean'], '.4f')} ({format_metric(entry.get('update_lost_max'), '.4f')})"
 
 
 # ---------------------------------------------------------------------------------------------- plots
