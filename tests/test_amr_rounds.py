@@ -74,6 +74,8 @@ def test_every_accepted_real_upload_reaches_the_next_round_whole(real_run):
         assert update["contributions"] == (2 if round_index <= 2 else 1)
     # the generators alone would lose more than the rule allows: the exact residual is what keeps the work
     assert max(line["update"]["generator_lost"] for r, _, line in lines if r == 2) > 0.01
+    # the site measured how far its predictions moved from the received weights; it reaches AMR's report
+    assert all(0 < line["update"]["predictive_js"] < 0.5 for _, _, line in lines)
     # two sites of one task share one target: each keeps half of its own change (equal training cases)
     assert all(line["update"]["case_weight"] == pytest.approx(0.5) for r, _, line in lines if r <= 2)
 

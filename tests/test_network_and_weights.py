@@ -108,3 +108,19 @@ def test_paired_cpu_batches_give_the_batch_one_result_and_leave_the_network_as_i
     with torch.no_grad(), net.paired_cpu_batches(supervised):
         outputs = supervised(tile)
     assert isinstance(outputs, list) and all(o.shape[0] == 1 for o in outputs)
+
+
+def test_predictive_js_is_zero_for_equal_predictions_and_one_for_disjoint_certain_ones():
+    from nnunet_feddah.nnunet.validation import predictive_js
+
+    logits = torch.randn(3, 4, 5, 6)
+    assert predictive_js(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    certain = torch.full((2, 8), -50.0)
+    certain[0, :4] = certain[1, 4:] = 50.0
+    assert predictive_js(certain, certain.flip(0)) == pytest.approx(1.0, abs=1e-9)
+    region = torch.zeros(8, dtype=torch.bool)
+    region[:2] = True
+    mixed = certain.clone()
+    mixed[:, 2:] = certain.flip(0)[:, 2:]
+    assert predictive_js(certain, mixed, region) == pytest.approx(0.0, abs=1e-9)  # differs only outside the region
+    assert predictive_js(certain, mixed) == pytest.approx(0.75, abs=1e-9)

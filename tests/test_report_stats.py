@@ -240,3 +240,20 @@ def test_check_targets_reads_the_means():
     lines = check_targets(build_report(_results(), "phantom-bench"))
     assert "PASS  feddah forgetting +0.010 (target ≤ 0.01)" in lines
     assert any(line.startswith("FAIL  fedavg forgetting") for line in lines)  # mean 0.030 is not clear
+
+
+def test_auroc_and_spearman_on_a_hand_made_table():
+    from nnunet_feddah.results.ws_pairs import auroc, spearman, summarise
+
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.9, 0.8, 0.2], [True, True, False, False]) == 0.5
+    assert auroc([0.5, 0.5], [True, False]) == 0.5  # a tie counts half
+    with pytest.raises(ValueError, match="positive and one negative"):
+        auroc([0.1], [True])
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    rows = [{"healthy": h, "predictive_js": p, "predictive_js_all": p / 2, "weight_js": w, "dice_drop": d}
+            for h, p, w, d in [(True, 0.01, 0.05, 0.0), (True, 0.02, 0.01, 0.01), (False, 0.4, 0.02, 0.5),
+                               (False, 0.3, 0.03, None)]]
+    summary = summarise(rows)
+    assert summary["predictive_js"]["auroc"] == 1.0 and summary["weight_js"]["auroc"] == 0.5
+    assert summary["predictive_js"]["healthy_max"] == 0.02 and summary["predictive_js"]["unhealthy_min"] == 0.3

@@ -69,6 +69,9 @@ def test_nnunetv2_train_finds_the_trainer_and_trains_from_a_weights_file(phantom
     assert set(metrics["dice"]) == {"right_kidney", "left_kidney"}
     assert all(0.0 <= d <= 1.0 for d in metrics["dice"].values())
     assert metrics["train_loss"] > 0 and metrics["wall_time_s"]["train"] > 0
+    # the trained network's predictions against the received weights' (W_s input): close but not identical
+    js = metrics["predictive_js"]
+    assert js["cases"] >= 1 and 0 < js["all"] <= js["foreground"] < 0.5, js
     results = json.loads((_results_folder(fed, site) / "dataset.json").read_text())
     assert results["labels"] == {"background": 0, "right kidney": 1, "left kidney": 2}
 

@@ -105,6 +105,11 @@ def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> Non
     for organ, value in (dice or {}).items():
         _check_fraction(value, f"dice.{organ}")
     _check_fraction(metrics.get("mean_dice"), "mean_dice")
+    js = metrics.get("predictive_js")
+    if js is not None and not isinstance(js, Mapping):
+        raise UploadRejected(f"metrics field 'predictive_js' is {js!r}, expected an object or null")
+    for part in ("foreground", "all"):
+        _check_fraction((js or {}).get(part), f"predictive_js.{part}")
 
 
 def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float,
@@ -259,12 +264,13 @@ class Coordinator:
         if jobs and not accepted:
             raise RoundFailed(summary)
         start = time.perf_counter()
-        uploads = [Upload(r.site, r.task, j.organs, r.weights, r.metrics["num_training_cases"]) for j, r in accepted]
+        uploads = [Upload(r.site, r.task, j.organs, r.weights, r.metrics["num_training_cases"],
+                          (r.metrics.get("predictive_js") or {}).get("foreground")) for j, r in accepted]
         reports = self.strategy.update(uploads, round_index) if uploads else []
         for (job, result), report in zip(accepted, reports, strict=True):
             kept = {k: v for k, v in report.items() if k in (
                 "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift", "update_lost",
-                "generator_lost", "case_weight", "keep", "contributions")}
+                "generator_lost", "case_weight", "keep", "contributions", "js_divergence", "predictive_js")}
             # the share of this site's own change the weights sent next lack (averaging and W_s included)
             kept["site_change_lost"] = change_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
             summary.sites[job.site]["update"] = kept

@@ -31,6 +31,7 @@ class Contribution:
     source: str
     weights: Mapping[str, torch.Tensor]
     num_training_cases: int = 1
+    predictive_js: float | None = None  # the site's JS between its predictions and the received weights
 
 
 def in_source_order(contributions: Sequence[Contribution]) -> list[Contribution]:

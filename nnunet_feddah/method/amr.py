@@ -94,6 +94,7 @@ class AMRReport:
     contributions: int = 1  # uploads of the task combined in this round
     update_lost: float = 0.0  # ‖generated − W*‖ / ‖W* − sent‖: what the round's aggregated update lost
     generator_lost: float = 0.0  # the same for the generators alone (the residual dropped)
+    predictive_js: float | None = None  # what the site measured on its validation cases (not yet used for W_s)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -218,7 +219,8 @@ class AMR:
                           update_lost=change_lost(sent[key], target, generated),
                           generator_lost=change_lost(sent[key], target, hyper.generate(key, with_residual=False)))
             by_source = {c.source: AMRReport(**common, source=c.source, case_weight=w, keep=k, similarity=ws,
-                                             js_divergence=js, upload_rel_l2=relative_l2(generated, c.weights))
+                                             js_divergence=js, upload_rel_l2=relative_l2(generated, c.weights),
+                                             predictive_js=c.predictive_js)
                          for c, w, k, ws, js in zip(group, case_weights(group), keeps, similarities, divergences,
                                                     strict=True)}
             reports[key] = [by_source[c.source] for c in contributions[key]]

@@ -54,7 +54,8 @@ class FedDAHStrategy(Strategy):
         """One AMR aggregation and fit per task of the round (order-free); reports in upload order."""
         by_task: dict[str, list[Contribution]] = {}
         for u in uploads:
-            by_task.setdefault(u.task, []).append(Contribution(u.site, u.weights, u.num_training_cases))
+            by_task.setdefault(u.task, []).append(Contribution(u.site, u.weights, u.num_training_cases,
+                                                               u.predictive_js))
         reports = self.amr.update_round(by_task, round_index)
         remaining = {task: iter(group) for task, group in reports.items()}
         return [next(remaining[u.task]).to_json() for u in uploads]

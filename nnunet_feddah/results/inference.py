@@ -185,10 +185,14 @@ class TaskModel:
             raise InferenceError(f"{path}: field 'network_weights' is missing; not an nnU-Net checkpoint")
         return cls(shared, checkpoint["network_weights"], organs, name, device, use_mirroring)
 
+    def logits(self, image: PreparedImage) -> torch.Tensor:
+        """The 16 AMOS-slot logits in the preprocessed geometry (sliding window, on the CPU afterwards)."""
+        with torch.no_grad(), net.paired_cpu_batches(self.predictor.network):
+            return self.predictor.predict_logits_from_preprocessed_data(image.data).cpu()
+
     def predict(self, image: PreparedImage, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map in AMOS ids (original image geometry) and, if asked, the 16-channel probabilities."""
-        with torch.no_grad(), net.paired_cpu_batches(self.predictor.network):
-            logits = self.predictor.predict_logits_from_preprocessed_data(image.data).cpu()
+        logits = self.logits(image)
         result = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, self.shared.plans_manager, self.shared.configuration_manager, self.predictor.label_manager,
             image.properties, return_probabilities=probabilities)
