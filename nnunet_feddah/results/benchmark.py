@@ -338,6 +338,9 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
              f"{s['fedavg-per-task']['server_bytes'] / 1e6:.2f} MB")
     if "feddah" in s:
         line(val("feddah", "forgetting") <= 0.01, f"feddah forgetting {val('feddah', 'forgetting'):+.3f} (target ≤ 0.01)")
+        if s["feddah"].get("update_lost_max") is not None:
+            line(val("feddah", "update_lost_max") <= 0.01, f"feddah update lost ≤ 1 % of the round's update for every "
+                 f"accepted upload: worst {val('feddah', 'update_lost_max'):.4f}")
     if "fedavg" in s:
         line(val("fedavg", "forgetting") > 0.05, f"fedavg forgetting {val('fedavg', 'forgetting'):+.3f} (must be clear, "
                                                  f"> 0.05)")
