@@ -162,7 +162,7 @@ class DAHyper:
         self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # task -> exact remainder while it is active
         self.tasks: dict[str, TaskRecord] = {}
         self._generator = generator
-        self.has_base_fit = False  # becomes True when the base is set from the first upload
+        self.has_base_fit = False  # becomes True when the base is set from the first fitted round
 
     # ------------------------------------------------------------------ registry
     def register(self, key: str, organs: Sequence[int], round_index: int | None = None) -> TaskRecord:
