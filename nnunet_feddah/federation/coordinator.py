@@ -265,7 +265,7 @@ class Coordinator:
             raise RoundFailed(summary)
         start = time.perf_counter()
         uploads = [Upload(r.site, r.task, j.organs, r.weights, r.metrics["num_training_cases"],
-                          (r.metrics.get("predictive_js") or {}).get("foreground")) for j, r in accepted]
+                          (r.metrics.get("predictive_js") or {}).get("all")) for j, r in accepted]
         reports = self.strategy.update(uploads, round_index) if uploads else []
         for (job, result), report in zip(accepted, reports, strict=True):
             kept = {k: v for k, v in report.items() if k in (

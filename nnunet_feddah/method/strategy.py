@@ -44,7 +44,7 @@ class Upload:
     organs: list[int]
     weights: Tensors
     num_training_cases: int = 1
-    predictive_js: float | None = None  # site-measured JS of its predictions vs the received weights
+    predictive_js: float | None = None  # site-measured JS (all voxels) of its predictions vs the received weights
 
 
 def task_slots(organs: Sequence[int]) -> list[int]:
