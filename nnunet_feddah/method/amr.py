@@ -200,9 +200,8 @@ class AMR:
         steps = 0
         for key in rounds:
             steps = self._solve(key, targets[key])
-        if self.config.exact_residuals != "never":
-            for key in rounds:
-                self._keep_residual(key, targets[key])
+        for key in rounds:
+            self._keep_residual(key, targets[key])
         drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
         self._bookkeep(rounds, round_index)
         self.compressed = (self._compress_idle(set(rounds), round_index)
@@ -277,6 +276,9 @@ class AMR:
         return self._solve_adam(key, target, {t: self.hyper.generate(t) for t in others})
 
     def _keep_residual(self, key: str, target: Mapping[str, torch.Tensor]) -> None:
+        """Store what the generators miss of ``target`` (unless ``exact_residuals="never"``)."""
+        if self.config.exact_residuals == "never":
+            return
         generated = self.hyper.generate(key, with_residual=False)
         self.hyper.residuals[key] = {k: target[k] - v for k, v in generated.items() if v.is_floating_point()}
 
@@ -310,8 +312,7 @@ class AMR:
         snapshot = {t: hyper.generate(t) for t in hyper.tasks if t != key}
         loss_before = relative_l2(hyper.generate(key), target) ** 2
         steps = self._solve(key, target)
-        if self.config.exact_residuals != "never":
-            self._keep_residual(key, target)
+        self._keep_residual(key, target)
         return self._allocation_report(key, loss_before, steps, start, target, snapshot)
 
     def _solve_closed_form(self, key: str, target: Mapping[str, torch.Tensor], others: list[str]) -> None:
