@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from nnunet_feddah.method.amr import AMR, AMRConfig, js_divergence, relative_l2
+from nnunet_feddah.method.amr import AMR, AMRConfig, relative_l2
 from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
+from nnunet_feddah.method.similarity import js_divergence
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir, nnunet_env
 

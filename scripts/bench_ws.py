@@ -7,8 +7,8 @@
 Healthy pairs are the run's real uploads of tasks with history (a site continuing, or a new site) against the
 weights they were sent; unhealthy ones put another organ's final model or an untrained network under a task's
 key. Prints, per pair, the site-side predictive JS, the weight-histogram JS and the Dice drop that accepting
-the candidate would cause at the sites that trained the task before; then the AUROC of each divergence for
-"not healthy" and its Spearman correlation with that drop. Writes <out>/pairs_seed<s>.json. Not a test.
+the candidate would cause at the sites that trained the task before, and the W_s AMR gives it; then the AUROC
+of each for "not healthy", its Spearman correlation with that drop, and the W_s midpoint the pairs suggest. Writes <out>/pairs_seed<s>.json. Not a test.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.nnunet.network import hypernet_base
     from nnunet_feddah.paths import nnunet_env
     from nnunet_feddah.results.benchmark import plan_for
-    from nnunet_feddah.results.ws_pairs import score_pairs, summarise, unhealthy_pairs, upload_pairs, write_rows
+    from nnunet_feddah.results.ws_pairs import (
+        MEASURES,
+        score_pairs,
+        summarise,
+        unhealthy_pairs,
+        upload_pairs,
+        write_rows,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(REPO / "plans" / "phantom_bench.json"))
@@ -55,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     path = write_rows(out / f"pairs_seed{args.seed}.json", rows, summary)
     print("\n| measure | AUROC (not healthy) | Spearman with Dice drop | max healthy | min not healthy |")
     print("|---|---|---|---|---|")
-    for measure in ("predictive_js", "predictive_js_all", "weight_js"):
+    for measure in MEASURES:
         s = summary[measure]
         print(f"| {measure} | {s['auroc']:.3f} | {s['spearman_with_dice_drop']:+.3f} | {s['healthy_max']:.4f} | "
               f"{s['unhealthy_min']:.4f} |")
     print(f"{summary['pairs']} pairs ({summary['healthy']} healthy); {path}")
+    if "suggested_ws_js_mid" in summary:
+        print(f"W_s midpoint these pairs suggest (AMRConfig.ws_js_mid): {summary['suggested_ws_js_mid']:.4f} bits")
     return 0
 
 

@@ -1,8 +1,9 @@
 """AMR's round aggregation on real trained nnU-Net uploads: order-free, and it keeps each round's work.
 
-Two phantom sites train kidneys for two rounds from FedDAH's weights, then one of them trains liver for two
-rounds while kidneys go idle (≈ 1 min on 2 cores). The uploads are recorded, so the same real uploads can be
-folded into fresh strategies in other orders.
+Two phantom sites train kidneys for two rounds from FedDAH's weights; then site a trains liver for two rounds
+while b trains kidneys once more and joins liver in round 4 — a new source of a task with history, which W_s
+weighs — and kidneys go idle (≈ 1 min on 2 cores). The uploads are recorded, so the same real uploads can be
+folded into fresh strategies in other orders, and the models they are can be labelled for W_s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def plan_dict() -> dict:
     return {
         "name": "amr-rounds", "plans_identifier": "FedDAHPlansCPU", "rounds_per_step": 2,
         "sites": [{"name": "a", "dataset": 701, "stream": ["kidneys", "liver"]},
-                  {"name": "b", "dataset": 702, "stream": ["kidneys"]}],
+                  {"name": "b", "dataset": 702, "stream": ["kidneys", "kidneys", "kidneys", "liver"],
+                   "rounds_per_step": 1}],
         "local": {"epochs": 1, "iterations_per_epoch": 6, "val_iterations_per_epoch": 1, "max_validation_cases": 1},
         "strategy": {"name": "feddah", "params": {}},
     }
@@ -71,7 +73,7 @@ def test_every_accepted_real_upload_reaches_the_next_round_whole(real_run):
     for round_index, site, line in lines:
         update = line["update"]
         assert update["update_lost"] <= 0.01, (round_index, site, update)
-        assert update["contributions"] == (2 if round_index <= 2 else 1)
+        assert update["contributions"] == (1 if round_index == 3 else 2)
     # the generators alone would lose more than the rule allows: the exact residual is what keeps the work
     assert max(line["update"]["generator_lost"] for r, _, line in lines if r == 2) > 0.01
     # the site measured how far its predictions moved from the received weights; it reaches AMR's report
@@ -92,9 +94,9 @@ def test_round_one_base_is_the_consensus_of_both_sites(real_run):
 def test_idle_task_is_compressed_once_and_its_loss_reported(real_run):
     history = real_run["history"]
     compressed = {h["round"]: h.get("strategy", {}).get("compressed", []) for h in history}
-    assert [e["task"] for e in compressed[3]] == ["kidneys"]  # kidneys got no upload in round 3
-    assert all(not compressed[r] for r in (1, 2, 4))
-    assert 0 < compressed[3][0]["lost_of_delta"] < 1
+    assert [e["task"] for e in compressed[4]] == ["kidneys"]  # kidneys got no upload in round 4
+    assert all(not compressed[r] for r in (1, 2, 3))
+    assert 0 < compressed[4][0]["lost_of_delta"] < 1
     hyper = real_run["coordinator"].strategy.hyper
     assert "kidneys" not in hyper.residuals and "liver" in hyper.residuals  # memory: one active task held
 
@@ -121,3 +123,45 @@ def test_update_lost_is_measured_on_the_change_not_the_weights(real_run):
     sent, up = jobs["a"].weights, results["a"].weights
     assert change_lost(sent, up, sent) == pytest.approx(1.0)  # keeping the start loses the whole change
     assert change_lost(sent, up, up) == 0.0
+
+
+def test_new_source_is_weighed_by_the_predictive_divergence_it_reported(real_run):
+    """b joins liver in round 4: W_s comes from the JS b measured, and the kept share of its change follows."""
+    from nnunet_feddah.method.aggregate import Contribution
+    from nnunet_feddah.method.amr import AMRConfig
+    from nnunet_feddah.method.similarity import history_weight
+
+    round4 = next(h for h in real_run["history"] if h["round"] == 4)["sites"]
+    a, b = round4["a"]["update"], round4["b"]["update"]
+    assert a["similarity"] is None and a["keep"] == 1.0  # a continues its own liver training
+    expected = history_weight(AMRConfig(), {}, Contribution("b", {}, 1, b["predictive_js"]))
+    assert (b["ws_measure"], b["js_divergence"]) == ("predictive", b["predictive_js"])
+    assert b["similarity"] == pytest.approx(expected.value) and b["keep"] == pytest.approx(1 - expected.value)
+
+
+def test_ws_orders_labelled_pairs_of_real_models(real_run, phantom_federation):
+    """Healthy uploads of liver (a continuing, b new to it) get a lower W_s than another organ's model or an
+    untrained network sent under liver's key, with the JS measured as a site measures it."""
+    from nnunet_feddah.method.aggregate import Contribution
+    from nnunet_feddah.method.amr import AMRConfig
+    from nnunet_feddah.method.similarity import history_weight
+    from nnunet_feddah.results.ws_pairs import Pair, auroc, score_pairs
+
+    plan = parse_plan(plan_dict(), "plan.json")
+    jobs, results = real_run["recorded"][3]  # round 4: both sites trained liver
+    final = real_run["coordinator"].strategy
+    history = jobs["b"].weights
+    liver = final.tasks()["liver"]
+    # the kidneys model with its background and first kidney rows in liver's two output rows
+    kidney_model = {k: (v[[0, 1]].clone() if is_head(k) else v.clone()) for k, v in final.task_weights("kidneys").items()}
+    untrained = {k: (v[[0, *liver]].clone() if is_head(k) else v.clone()) for k, v in real_run["base"].items()}
+    pairs = [Pair("new site", True, "liver", "b", ["a"], history, results["b"].weights, 4),
+             Pair("continuing", True, "liver", "a", ["a"], jobs["a"].weights, results["a"].weights, 4),
+             Pair("other organ", False, "liver", "b", ["a"], history, kidney_model),
+             Pair("untrained", False, "liver", "b", ["a"], history, untrained)]
+    rows = score_pairs(plan, pairs, log=lambda *_: None)
+    config = AMRConfig()
+    w_s = [history_weight(config, {}, Contribution(r["site"], {}, 1, r["predictive_js_all"])).value for r in rows]
+    by_kind = {r["kind"]: w for r, w in zip(rows, w_s, strict=True)}
+    assert auroc(w_s, [not r["healthy"] for r in rows]) == 1.0, by_kind
+    assert max(by_kind["new site"], by_kind["continuing"]) < 0.5 < min(by_kind["other organ"], by_kind["untrained"]), by_kind

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from nnunet_feddah.method.amr import AMR, AMRConfig, js_divergence, relative_l2
+from nnunet_feddah.method.amr import AMR, AMRConfig, relative_l2
 from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig, TargetMismatchError
 from nnunet_feddah.method.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
+from nnunet_feddah.method.similarity import js_divergence
 from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors
 from nnunet_feddah.paths import bundled_plans_dir
 
@@ -107,8 +109,9 @@ def test_historical_regulariser_protects_old_tasks_and_ablation_forgets(base):
     assert ablated > 10 * protected and ablated > 1e-3
 
 
-def test_similarity_weight_prefers_near_copies(base, plans):
-    amr = make_amr(base)
+def test_weight_histogram_similarity_prefers_near_copies(base, plans):
+    """The pre-2026-12-02 reading, kept as ``similarity="weights"``: similar weight histograms → more history."""
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="weights"))
     amr.allocate("liver", [6])
     amr.update("liver", trained_like(amr.hyper, "liver", 1, scale=1.0), round_index=1, source="a")
     history = amr.hyper.generate("liver")
@@ -117,11 +120,52 @@ def test_similarity_weight_prefers_near_copies(base, plans):
     unrelated = {k: (v[[0, 6]] if is_head(k) else v) for k, v in fresh.items()}
     assert js_divergence(history, near) < 0.01 < js_divergence(history, unrelated)
     report_near = amr.update("liver", near, round_index=2, source="b")
-    hyper2 = make_amr(base)
+    hyper2 = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="weights"))
     hyper2.allocate("liver", [6])
     hyper2.update("liver", history, round_index=1, source="a")
     report_far = hyper2.update("liver", unrelated, round_index=2, source="b")
     assert report_near.similarity > report_far.similarity
+    assert report_near.ws_measure == "weights"
+
+
+def test_predictive_history_weight_rises_with_the_sites_divergence():
+    """W_s = σ((JS − mid) / scale): a healthy round's JS keeps (nearly) all of the change, a divergent one
+    almost none; a site that sent no JS gets the fixed weight, never the histogram reading."""
+    from nnunet_feddah.method.aggregate import Contribution
+    from nnunet_feddah.method.similarity import history_weight
+
+    config = AMRConfig()
+    weights = {"w": torch.zeros(3)}
+
+    def ws(js):
+        return history_weight(config, weights, Contribution("b", weights, 1, js))
+
+    values = [ws(js).value for js in (0.0, 0.002, config.ws_js_mid, 0.0097, 0.05, 0.6)]
+    assert values == sorted(values) and len(set(values)) == len(values) - 1  # 0.05 and 0.6 both saturate at 1
+    assert values[1] < 0.01 and values[2] == pytest.approx(0.5) and values[3] > 0.9 and values[-1] == 1.0
+    assert ws(0.002).measure == "predictive" and ws(0.002).divergence == 0.002
+    silent = ws(None)
+    assert (silent.value, silent.measure) == (config.fixed_similarity, "fixed")
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        AMRConfig(similarity="cosine")
+    assert AMRConfig(similarity="js").similarity == "weights"  # strategy files written before the rename
+
+
+def test_case_weighted_history_is_fedavg_across_time(base):
+    """similarity="cases": history counts as its training cases, W* = (n_h S + Σ n_i W_i) / (n_h + Σ n_i)."""
+    from nnunet_feddah.method.aggregate import Contribution
+
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="cases"))
+    amr.allocate("liver", [6])
+    amr.update_round({"liver": [Contribution("a", trained_like(amr.hyper, "liver", 1, scale=1.0), 6)]}, 1)
+    sent = amr.hyper.generate("liver")
+    uploads = {"b": trained_like(amr.hyper, "liver", 2), "c": trained_like(amr.hyper, "liver", 3)}
+    reports = amr.update_round({"liver": [Contribution("b", uploads["b"], 2), Contribution("c", uploads["c"], 4)]}, 2)
+    assert [(r.ws_measure, r.similarity) for r in reports["liver"]] == [("cases", 0.5), ("cases", 0.5)]
+    name = "encoder.stages.0.0.convs.0.conv.weight"
+    expected = (6 * sent[name].double() + 2 * uploads["b"][name].double() + 4 * uploads["c"][name].double()) / 12
+    torch.testing.assert_close(amr.hyper.generate("liver")[name].double(), expected, rtol=0, atol=1e-6)
+    assert amr.hyper.tasks["liver"].training_cases == {"a": 6, "b": 2, "c": 4}
 
 
 def test_bad_targets_raise_before_any_change(base):
@@ -191,12 +235,14 @@ def test_round_combines_changes_by_training_cases_and_weighs_a_new_source_by_ws(
     sent = amr.hyper.generate("liver")
     uploads = {s: trained_like(amr.hyper, "liver", 10 + i) for i, s in enumerate("abc")}
     cases = {"a": 1, "b": 2, "c": 5}
-    reports = amr.update_round({"liver": [Contribution(s, uploads[s], cases[s]) for s in "cba"]}, round_index=2)
+    reports = amr.update_round({"liver": [Contribution(s, uploads[s], cases[s], 0.006) for s in "cba"]},
+                               round_index=2)
     by_source = {r.source: r for r in reports["liver"]}
     assert [r.source for r in reports["liver"]] == ["c", "b", "a"]  # reports follow the order given
     assert by_source["a"].similarity is None and by_source["b"].similarity is None
     w_s = by_source["c"].similarity
-    assert 0 < w_s <= 0.5 and by_source["c"].keep == pytest.approx(1 - w_s)
+    assert w_s == pytest.approx(1 / (1 + math.exp(1))) and by_source["c"].keep == pytest.approx(1 - w_s)
+    assert (by_source["c"].ws_measure, by_source["c"].js_divergence) == ("predictive", 0.006)
     expected = {k: v.double() + sum(cases[s] / 8 * (1 - (w_s if s == "c" else 0)) * (uploads[s][k].double() - v.double())
                                     for s in "abc") for k, v in sent.items()}
     generated = amr.hyper.generate("liver")

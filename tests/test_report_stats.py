@@ -251,9 +251,11 @@ def test_auroc_and_spearman_on_a_hand_made_table():
     with pytest.raises(ValueError, match="positive and one negative"):
         auroc([0.1], [True])
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    rows = [{"healthy": h, "predictive_js": p, "predictive_js_all": p / 2, "weight_js": w, "dice_drop": d}
-            for h, p, w, d in [(True, 0.01, 0.05, 0.0), (True, 0.02, 0.01, 0.01), (False, 0.4, 0.02, 0.5),
-                               (False, 0.3, 0.03, None)]]
+    rows = [{"kind": k, "healthy": h, "predictive_js": p, "predictive_js_all": p / 2, "weight_js": w,
+             "w_s": p, "dice_drop": d}
+            for k, h, p, w, d in [("continuing", True, 0.01, 0.05, 0.0), ("new site", True, 0.02, 0.01, 0.01),
+                                  ("other organ", False, 0.4, 0.02, 0.5), ("untrained", False, 0.3, 0.03, None)]]
     summary = summarise(rows)
     assert summary["predictive_js"]["auroc"] == 1.0 and summary["weight_js"]["auroc"] == 0.5
     assert summary["predictive_js"]["healthy_max"] == 0.02 and summary["predictive_js"]["unhealthy_min"] == 0.3
+    assert summary["suggested_ws_js_mid"] == pytest.approx((0.01 + 0.15) / 2)  # all-voxel: new site 0.01, worst 0.15

@@ -270,7 +270,8 @@ class Coordinator:
         for (job, result), report in zip(accepted, reports, strict=True):
             kept = {k: v for k, v in report.items() if k in (
                 "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift", "update_lost",
-                "generator_lost", "case_weight", "keep", "contributions", "js_divergence", "predictive_js")}
+                "generator_lost", "case_weight", "keep", "contributions", "js_divergence", "predictive_js",
+                "ws_measure")}
             # the share of this site's own change the weights sent next lack (averaging and W_s included)
             kept["site_change_lost"] = change_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
             summary.sites[job.site]["update"] = kept
@@ -328,6 +329,8 @@ class Coordinator:
                 loss = line.get("train_loss")
                 update = line.get("update", {})
                 lost = f" update lost {update['update_lost']:.4f}" if "update_lost" in update else ""
+                if update.get("similarity") is not None:  # a new source of a task with history: W_s held some back
+                    lost += f", W_s {update['similarity']:.2f} ({update.get('ws_measure') or 'weights'})"
                 self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
                          f"{line['task']:<16} dice {dice or '-'} loss {loss:.3f} {line.get('seconds', 0):.1f}s{lost}")
             else:

@@ -16,7 +16,7 @@ give bit-identical targets.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,29 @@ def combine(start: Mapping[str, torch.Tensor], contributions: Sequence[Contribut
             total += w * (contribution.weights[name].double() - s.double())
         out[name] = total.to(s.dtype)
     return out
+
+
+def organ_keyed_mean(into: MutableMapping[str, torch.Tensor],
+                     members: Sequence[tuple[Mapping[str, torch.Tensor], Sequence[int], float]],
+                     is_head: Callable[[str], bool]) -> None:
+    """Overwrite ``into`` with the weighted mean of ``members`` — ``(weights, output slots, weight)`` each.
+
+    A trunk tensor is averaged over every member; a head tensor's row of one organ slot only over the members
+    whose task has that organ (their row for it sits at the slot's position in their output slots). Used for
+    FedAvg's models and for the federation's consensus base. Sums in float64 in the members' order, so a
+    caller that orders them (by site, by task key) fixes every bit of the result.
+    """
+    total = sum(weight for _, _, weight in members)
+    for name, tensor in into.items():
+        if not tensor.is_floating_point():
+            continue
+        if not is_head(name):
+            into[name] = sum(w[name].double() * (weight / total) for w, _, weight in members).to(tensor.dtype)
+            continue
+        for slot in sorted({s for _, slots, _ in members for s in slots}):
+            having = [(w[name][list(slots).index(slot)], weight) for w, slots, weight in members if slot in slots]
+            tensor[slot] = (sum(row.double() * weight for row, weight in having)
+                            / sum(weight for _, weight in having)).to(tensor.dtype)
 
 
 def norm(tensors: Mapping[str, torch.Tensor]) -> float:

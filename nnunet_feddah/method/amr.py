@@ -10,9 +10,11 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   the task in the round started from the weights ``S`` that were sent, and their changes are combined in
   one step, weighted by training cases, independent of arrival order:
   ``W* = S + Σ_i c_i k_i (W_i − S)``. ``k_i = 1 − W_s`` for an upload from a *new source* of a task with
-  history (W_s from a Jensen–Shannon divergence between the history ``S`` and the upload: similar → more
-  weight on history), ``k_i = 1`` for a site that contributed to the task's previous round (it continues
-  its own training) and for a task's first fit.
+  history, ``k_i = 1`` for a site that contributed to the task's previous round (it continues its own
+  training) and for a task's first fit. W_s (:func:`history_weight`) comes from the Jensen–Shannon divergence
+  the uploading site measured between its predictions and those of the weights it received: an upload
+  whose predictions moved little is taken whole, one that predicts something else (another organ's model
+  under the task's key, a broken network) is held back by the task's history.
 * **The federation's base** is the first round's consensus (case-weighted mean of its targets, head rows
   per organ), not one site's upload.
 * **Exact while active** (``exact_residuals="active"``): after the generators are refitted, what they
@@ -36,12 +38,23 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from nnunet_feddah.method.aggregate import Contribution, case_weights, change_lost, combine, in_source_order, norm
+from nnunet_feddah.method.aggregate import (
+    Contribution,
+    case_weights,
+    change_lost,
+    combine,
+    in_source_order,
+    norm,
+    organ_keyed_mean,
+)
 from nnunet_feddah.method.dahyper import DAHyper
 from nnunet_feddah.method.donor import FittedTask, donor_start
+from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 
 SOLVERS = ("closed_form", "adam")
 EXACT_RESIDUALS = ("active", "never", "always")
+SIMILARITIES = ("predictive", "weights", "fixed", "cases")
+SIMILARITY_ALIASES = {"js": "weights"}  # the spelling of states written before 2026-12-02 (weight histograms)
 
 
 @dataclass(frozen=True)
@@ -51,9 +64,15 @@ class AMRConfig:
     solver: str = "closed_form"
     adam_steps: int = 100
     adam_lr: float = 1e-3
-    similarity: str = "js"  # "js" or "fixed" (ablation −W_s)
+    # how W_s is found for an upload from a new source (docs/METHOD.md §6): "predictive" (the site's JS of its
+    # predictions against the received weights'; fixed_similarity where a site sent none), "weights" (weight-value
+    # histograms, the reading before 2026-12-02), "fixed" (ablation −W_s), "cases" (history counted as the
+    # training cases behind it: case-weighted averaging)
+    similarity: str = "predictive"
     fixed_similarity: float = 0.5
-    max_history_weight: float = 0.5  # W_s = max_history_weight · (1 − JS)
+    ws_js_mid: float = 0.007  # predictive: the JS (bits per voxel) where W_s = 1/2, calibrated on labelled pairs
+    ws_js_scale: float = 0.001  # predictive: W_s = σ((JS − ws_js_mid) / ws_js_scale)
+    max_history_weight: float = 0.5  # weights: W_s = max_history_weight · (1 − JS)
     js_bins: int = 32
     exact_residuals: str = "active"  # keep what the generators miss while a task is trained ("never", "always")
 
@@ -62,8 +81,11 @@ class AMRConfig:
             raise ValueError("AMRConfig: beta must be ≥ 0 and ridge > 0")
         if self.solver not in SOLVERS:
             raise ValueError(f"AMRConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.similarity not in ("js", "fixed"):
-            raise ValueError(f"AMRConfig.similarity must be 'js' or 'fixed', got {self.similarity!r}")
+        object.__setattr__(self, "similarity", SIMILARITY_ALIASES.get(self.similarity, self.similarity))
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"AMRConfig.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.ws_js_mid <= 0 or self.ws_js_scale <= 0:
+            raise ValueError("AMRConfig: ws_js_mid and ws_js_scale must be > 0")
         if self.exact_residuals not in EXACT_RESIDUALS:
             raise ValueError(f"AMRConfig.exact_residuals must be one of {EXACT_RESIDUALS}, "
                              f"got {self.exact_residuals!r}")
@@ -79,7 +101,7 @@ class AMRReport:
     new_task: bool
     rebased: bool
     similarity: float | None  # W_s (None: the upload's change is kept whole, k = 1)
-    js_divergence: float | None
+    js_divergence: float | None  # the divergence W_s was computed from (``ws_measure`` says which)
     loss_task_before: float
     loss_task_after: float
     loss_reg_after: float
@@ -94,7 +116,8 @@ class AMRReport:
     contributions: int = 1  # uploads of the task combined in this round
     update_lost: float = 0.0  # ‖generated − W*‖ / ‖W* − sent‖: what the round's aggregated update lost
     generator_lost: float = 0.0  # the same for the generators alone (the residual dropped)
-    predictive_js: float | None = None  # what the site measured on its validation cases (not yet used for W_s)
+    predictive_js: float | None = None  # what the site measured on its validation cases
+    ws_measure: str | None = None  # what W_s came from: "predictive", "weights", "fixed", "cases" (None: no W_s)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,35 +131,8 @@ def relative_l2(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) ->
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def js_divergence(history: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
-                  bins: int = 32, min_numel: int = 64) -> float:
-    """Mean per-tensor Jensen–Shannon divergence (bits, 0..1) of weight-value distributions.
-
-    Bins are the history's own quantiles, so the history is uniform over them and any shift, spread or
-    shape change of the candidate shows up (fixed-width bins over millions of near-zero weights would not
-    discriminate). Tensors with fewer than ``min_numel`` values carry no distribution and are skipped.
-    """
-    scores = []
-    for name, hist in history.items():
-        if not hist.is_floating_point() or hist.numel() < min_numel:
-            continue
-        h = hist.detach().flatten().double()
-        c = candidate[name].detach().flatten().double()
-        edges = torch.quantile(h[torch.randperm(h.numel(), generator=torch.Generator().manual_seed(0))[:100_000]],
-                               torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
-        p = torch.bincount(torch.bucketize(h, edges), minlength=bins).double() / h.numel()
-        q = torch.bincount(torch.bucketize(c, edges), minlength=bins).double() / c.numel()
-        scores.append(0.5 * _kl_bits(p, 0.5 * (p + q)) + 0.5 * _kl_bits(q, 0.5 * (p + q)))
-    return float(sum(scores) / len(scores)) if scores else 0.0
-
-
 def _on_cpu(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
-
-
-def _kl_bits(x: torch.Tensor, m: torch.Tensor) -> float:
-    mask = x > 0
-    return float((x[mask] * torch.log2(x[mask] / m[mask])).sum())
 
 
 class AMR:
@@ -167,9 +163,10 @@ class AMR:
 
     # ------------------------------------------------------------------ recalibration
     def update(self, key: str, upload: Mapping[str, torch.Tensor], *, round_index: int | None = None,
-               source: str | None = None, num_training_cases: int = 1) -> AMRReport:
+               source: str | None = None, num_training_cases: int = 1,
+               predictive_js: float | None = None) -> AMRReport:
         """One upload as its task's whole round (:meth:`update_round` with a single contribution)."""
-        contribution = Contribution(source or "unknown", upload, num_training_cases)
+        contribution = Contribution(source or "unknown", upload, num_training_cases, predictive_js)
         return self.update_round({key: [contribution]}, round_index)[key][0]
 
     def update_round(self, contributions: Mapping[str, Sequence[Contribution]],
@@ -209,7 +206,7 @@ class AMR:
         seconds = time.perf_counter() - start
         reports: dict[str, list[AMRReport]] = {}
         for key, group in rounds.items():
-            target, keeps, similarities, divergences = aggregations[key]
+            target, keeps, history_weights = aggregations[key]
             generated = hyper.generate(key)
             common = dict(task=key, new_task=False, rebased=rebased, loss_task_before=loss_before[key],
                           loss_task_after=relative_l2(generated, target) ** 2,
@@ -217,54 +214,38 @@ class AMR:
                           fidelity_rel_l2=relative_l2(generated, target), drift=drift, contributions=len(group),
                           update_lost=change_lost(sent[key], target, generated),
                           generator_lost=change_lost(sent[key], target, hyper.generate(key, with_residual=False)))
-            by_source = {c.source: AMRReport(**common, source=c.source, case_weight=w, keep=k, similarity=ws,
-                                             js_divergence=js, upload_rel_l2=relative_l2(generated, c.weights),
+            by_source = {c.source: AMRReport(**common, source=c.source, case_weight=w, keep=k,
+                                             similarity=None if ws is None else ws.value,
+                                             js_divergence=None if ws is None else ws.divergence,
+                                             ws_measure=None if ws is None else ws.measure,
+                                             upload_rel_l2=relative_l2(generated, c.weights),
                                              predictive_js=c.predictive_js)
-                         for c, w, k, ws, js in zip(group, case_weights(group), keeps, similarities, divergences,
-                                                    strict=True)}
+                         for c, w, k, ws in zip(group, case_weights(group), keeps, history_weights, strict=True)}
             reports[key] = [by_source[c.source] for c in contributions[key]]
         return reports
 
     def _aggregate(self, key: str, group: Sequence[Contribution], sent: Mapping[str, torch.Tensor]
-                   ) -> tuple[dict[str, torch.Tensor], list[float], list[float | None], list[float | None]]:
-        """The task's target ``W*`` and, per contribution, k_i, W_s and the JS divergence behind it."""
+                   ) -> tuple[dict[str, torch.Tensor], list[float], list[HistoryWeight | None]]:
+        """The task's target ``W*`` and, per contribution, k_i and the W_s behind it (None: kept whole)."""
         record = self.hyper.tasks[key]
         continuing = set(record.last_contributors or record.contributors[-1:])
-        keeps: list[float] = []
-        similarities: list[float | None] = []
-        divergences: list[float | None] = []
-        for c in group:
-            if record.rounds_seen and c.source not in continuing:
-                js = js_divergence(sent, c.weights, self.config.js_bins)
-                similarity = (self.config.fixed_similarity if self.config.similarity == "fixed"
-                              else self.config.max_history_weight * (1.0 - js))
-                keeps.append(1.0 - similarity)
-                similarities.append(similarity)
-                divergences.append(js)
-            else:
-                keeps.append(1.0)
-                similarities.append(None)
-                divergences.append(None)
-        return combine(sent, group, keeps), keeps, similarities, divergences
+        new_sources = {c.source for c in group if record.rounds_seen and c.source not in continuing}
+        # "cases": the history stands for the training cases of its sources that are not in this round
+        history_cases = sum(n for source, n in record.training_cases.items()
+                            if source not in {c.source for c in group})
+        round_cases = sum(max(c.num_training_cases, 1) for c in group if c.source in new_sources)
+        weights = [history_weight(self.config, sent, c, history_cases, round_cases) if c.source in new_sources
+                   else None for c in group]
+        keeps = [1.0 if w is None else 1.0 - w.value for w in weights]
+        return combine(sent, group, keeps), keeps, weights
 
     def _rebase(self, targets: Mapping[str, Mapping[str, torch.Tensor]], cases: Mapping[str, int]) -> None:
         """The federation's first fitted round becomes the shared base: the case-weighted mean of its task
         targets (head rows per organ over the tasks that have it), so no site's model is privileged."""
         hyper = self.hyper
-        total = sum(cases.values())
-        for unit in hyper.units:
-            base = hyper.base[unit.name]
-            if not base.is_floating_point():
-                continue
-            if unit.kind != "head":
-                hyper.base[unit.name] = sum(targets[k][unit.name].double() * (cases[k] / total)
-                                            for k in targets).to(base.dtype)
-                continue
-            for slot in sorted({s for k in targets for s in hyper.tasks[k].output_slots}):
-                having = [k for k in targets if slot in hyper.tasks[k].output_slots]
-                weight = sum(cases[k] for k in having)
-                base[slot] = sum(targets[k][unit.name][hyper.tasks[k].output_slots.index(slot)].double() * cases[k]
-                                 for k in having).div(weight).to(base.dtype)
+        heads = {u.name for u in hyper.units if u.kind == "head"}
+        organ_keyed_mean(hyper.base, [(targets[k], hyper.tasks[k].output_slots, cases[k]) for k in targets],
+                         heads.__contains__)
         hyper.has_base_fit = True
 
     def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> int:
@@ -305,6 +286,7 @@ class AMR:
                     record.first_round = round_index
             record.contributors.extend(c.source for c in group)
             record.last_contributors = [c.source for c in group]
+            record.training_cases.update({c.source: max(int(c.num_training_cases), 1) for c in group})
 
     def _fit_allocation(self, key: str, target: Mapping[str, torch.Tensor], start: float) -> AMRReport:
         """Fit a new task's generators to its start weights (kept exact while it is active)."""

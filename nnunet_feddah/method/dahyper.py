@@ -75,6 +75,7 @@ class TaskRecord:
     rounds_seen: list[int] = field(default_factory=list)
     contributors: list[str] = field(default_factory=list)
     last_contributors: list[str] = field(default_factory=list)  # sources of the most recent fitted round
+    training_cases: dict[str, int] = field(default_factory=dict)  # source -> training cases of its last upload
 
     @property
     def output_slots(self) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nnunet_feddah.method.aggregate import organ_keyed_mean
 from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.strategy import (
     IsHead,
@@ -53,20 +54,9 @@ class OrganKeyedModels:
         """Case-weighted mean of the trunk over all uploads; head rows per organ over uploads that have it.
 
         Summed in site order, so the arrival order of a round's uploads does not change a bit."""
-        model = self.model(name)
-        uploads = sorted(uploads, key=lambda u: u.site)
-        total = sum(u.num_training_cases for u in uploads)
-        for key, tensor in model.items():
-            if not tensor.is_floating_point():
-                continue
-            if key not in self.heads:
-                model[key] = sum(u.weights[key].float() * (u.num_training_cases / total) for u in uploads)
-                continue
-            for slot in {s for u in uploads for s in task_slots(u.organs)}:
-                having = [u for u in uploads if slot in task_slots(u.organs)]
-                weight = sum(u.num_training_cases for u in having)
-                tensor[slot] = sum(u.weights[key][task_slots(u.organs).index(slot)].float() * u.num_training_cases
-                                   for u in having) / weight
+        heads = set(self.heads)
+        organ_keyed_mean(self.model(name), [(u.weights, task_slots(u.organs), u.num_training_cases)
+                                            for u in sorted(uploads, key=lambda u: u.site)], heads.__contains__)
 
     def state(self) -> Tensors:
         return {f"{name}/{k}": v for name, model in self.models.items() for k, v in model.items()} | {

@@ -35,6 +35,8 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
 FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
     "feddah-noLR": {"beta": 0.0},  # no historical regulariser
     "feddah-noWs": {"similarity": "fixed"},  # W_s fixed instead of the JS similarity
+    "feddah-wsCases": {"similarity": "cases"},  # W_s from training cases: case-weighted averaging across time
+    "feddah-wsWeights": {"similarity": "weights"},  # W_s from weight histograms (the reading before 2026-12-02)
     "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
 }
 STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))

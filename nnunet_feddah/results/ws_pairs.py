@@ -6,8 +6,10 @@ labelled (history, candidate) pairs from a finished benchmark run of ``feddah`` 
 * ``predictive_js`` — the site-side measure (:func:`nnunet_feddah.nnunet.validation.predictive_js`): mean
   per-voxel JS divergence of the two networks' softmax outputs on the candidate site's held-out cases,
   over the voxels either network or the reference calls foreground (and over all voxels);
-* ``weight_js`` — the server-side weight-histogram JS (:func:`nnunet_feddah.method.amr.js_divergence`)
-  that W_s used until now;
+* ``weight_js`` — the server-side weight-histogram JS (:func:`nnunet_feddah.method.similarity.js_divergence`)
+  that W_s used until 2026-12-02;
+* ``w_s`` — the history weight AMR's default map (:func:`nnunet_feddah.method.similarity.history_weight`) gives
+  the all-voxel predictive JS;
 
 and with the Dice drop that accepting the candidate whole would cause on the held-out cases of the sites
 that trained the task before (the harm W_s exists to prevent).
@@ -34,12 +36,15 @@ import torch
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import Coordinator
 from nnunet_feddah.federation.plan import FederationPlan
-from nnunet_feddah.method.amr import js_divergence
+from nnunet_feddah.method.aggregate import Contribution
+from nnunet_feddah.method.amr import AMRConfig
+from nnunet_feddah.method.similarity import history_weight, js_divergence
 from nnunet_feddah.nnunet.network import is_head
 from nnunet_feddah.nnunet.weights import load_weights
 from nnunet_feddah.organs import Task
 
 Tensors = dict[str, torch.Tensor]
+MEASURES = ("predictive_js", "predictive_js_all", "weight_js", "w_s")
 
 
 @dataclass
@@ -117,6 +122,7 @@ def score_pairs(plan: FederationPlan, pairs: Sequence[Pair], device: str = "cpu"
     from nnunet_feddah.results.inference import TaskModel
 
     test_sets: dict[str, Any] = {}
+    config = AMRConfig()
 
     def test_set(site: str):
         if site not in test_sets:
@@ -146,9 +152,11 @@ def score_pairs(plan: FederationPlan, pairs: Sequence[Pair], device: str = "cpu"
                               for n, w in (("history", pair.history), ("candidate", pair.candidate))}
             dice = {n: evaluate_task(earlier_set, m)["dice"] for n, m in earlier_models.items()}
             drops.append(dice["history"] - dice["candidate"])
+        every_js = float(np.mean(every))
         row = {"kind": pair.kind, "healthy": pair.healthy, "task": pair.task, "site": pair.site, "round": pair.round,
-               "earlier": pair.earlier, "predictive_js": float(np.mean(foreground)),
-               "predictive_js_all": float(np.mean(every)), "weight_js": js_divergence(pair.history, pair.candidate),
+               "earlier": pair.earlier, "predictive_js": float(np.mean(foreground)), "predictive_js_all": every_js,
+               "weight_js": js_divergence(pair.history, pair.candidate),
+               "w_s": history_weight(config, pair.history, Contribution(pair.site, {}, 1, every_js)).value,
                "dice_drop": float(np.mean(drops)) if drops else None}
         rows.append(row)
         log(f"[ws] {i + 1}/{len(pairs)} {pair.kind:<11} {pair.task:<9} at {pair.site}: predictive JS "
@@ -180,12 +188,15 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     unhealthy = [not r["healthy"] for r in rows]
     with_drop = [r for r in rows if r["dice_drop"] is not None]
     out: dict[str, Any] = {"pairs": len(rows), "healthy": sum(r["healthy"] for r in rows)}
-    for measure in ("predictive_js", "predictive_js_all", "weight_js"):
+    for measure in MEASURES:
         out[measure] = {"auroc": auroc([r[measure] for r in rows], unhealthy),
                         "spearman_with_dice_drop": spearman([r[measure] for r in with_drop],
                                                             [r["dice_drop"] for r in with_drop]),
                         "healthy_max": max(r[measure] for r in rows if r["healthy"]),
                         "unhealthy_min": min(r[measure] for r in rows if not r["healthy"])}
+    new_site = [r["predictive_js_all"] for r in rows if r["kind"] == "new site"]
+    if new_site:  # W_s's midpoint: halfway between the healthy new-site uploads and the nearest unhealthy model
+        out["suggested_ws_js_mid"] = 0.5 * (max(new_site) + out["predictive_js_all"]["unhealthy_min"])
     return out
 
 
