@@ -229,10 +229,10 @@ class AMR:
         """The task's target ``W*`` and, per contribution, k_i and the W_s behind it (None: kept whole)."""
         record = self.hyper.tasks[key]
         continuing = set(record.last_contributors or record.contributors[-1:])
-        new_sources = {c.source for c in group if record.rounds_seen and c.source not in continuing}
+        sources = {c.source for c in group}
+        new_sources = {s for s in sources if record.rounds_seen and s not in continuing}
         # "cases": the history stands for the training cases of its sources that are not in this round
-        history_cases = sum(n for source, n in record.training_cases.items()
-                            if source not in {c.source for c in group})
+        history_cases = sum(n for source, n in record.training_cases.items() if source not in sources)
         round_cases = sum(max(c.num_training_cases, 1) for c in group if c.source in new_sources)
         weights = [history_weight(self.config, sent, c, history_cases, round_cases) if c.source in new_sources
                    else None for c in group]
