@@ -8,7 +8,8 @@ Healthy pairs are the run's real uploads of tasks with history (a site continuin
 weights they were sent; unhealthy ones put another organ's final model or an untrained network under a task's
 key. Prints, per pair, the site-side predictive JS, the weight-histogram JS and the Dice drop that accepting
 the candidate would cause at the sites that trained the task before, and the W_s AMR gives it; then the AUROC
-of each for "not healthy", its Spearman correlation with that drop, and the W_s midpoint the pairs suggest. Writes <out>/pairs_seed<s>.json. Not a test.
+of each for "not healthy", its Spearman correlation with that drop, and the W_s midpoint the pairs suggest.
+Writes <out>/pairs_seed<s>.json. Not a test.
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ class Coordinator:
                 update = line.get("update", {})
                 lost = f" update lost {update['update_lost']:.4f}" if "update_lost" in update else ""
                 if update.get("similarity") is not None:  # a new source of a task with history: W_s held some back
-                    lost += f", W_s {update['similarity']:.2f} ({update.get('ws_measure') or 'weights'})"
+                    lost += f", W_s {update['similarity']:.2f} ({update['ws_measure']})"
                 self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
                          f"{line['task']:<16} dice {dice or '-'} loss {loss:.3f} {line.get('seconds', 0):.1f}s{lost}")
             else:
