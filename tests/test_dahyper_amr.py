@@ -264,3 +264,72 @@ def test_compression_modes(base):
     assert sizes == {"active": (["liver"], ["kidneys"]), "never": ([], []), "always": (["kidneys", "liver"], [])}
     with pytest.raises(ValueError, match="exact_residuals"):
         AMRConfig(exact_residuals="sometimes")
+
+
+def full_rank_change(weights: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every tensor + a dense (full-rank) change of 5 % of its norm: nothing a rank-16 store holds exactly."""
+    out = {}
+    for name, w in weights.items():
+        noise = torch.randn(w.shape, generator=generator)
+        out[name] = w + 0.05 * max(float(w.norm()), 1e-2) * noise / noise.norm()
+    return out
+
+
+def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path):
+    """With a fixed code an old task moved by 37 % of its own delta at 33 tasks; the code now grows first."""
+    from nnunet_feddah.method.aggregate import change_lost
+
+    config = DAHyperConfig(code_dim=8, code_growth=4, code_headroom=2)
+    amr = AMR(DAHyper(base, is_head, config), AMRConfig(exact_residuals="never"))
+    g = torch.Generator().manual_seed(0)
+    reference = {}
+    for i in range(10):
+        key = f"t{i}"
+        amr.allocate(key, [1 + i % 15])
+        amr.update(key, full_rank_change(amr.hyper.generate(key), g), round_index=i, source="s")
+        reference[key] = amr.hyper.generate(key)
+    assert amr.hyper.code_size == 12  # 10 tasks + 2 headroom: grown once from 8 by 4
+    before = {t: amr.hyper.generate(t) for t in reference}
+    amr.hyper.register("grows", [6])  # 11 + 2 > 12: grows to 16
+    assert amr.hyper.code_size == 16
+    for t, weights in before.items():
+        for name, tensor in amr.hyper.generate(t).items():
+            torch.testing.assert_close(tensor, weights[name], rtol=0, atol=1e-6)
+    for t in list(reference)[1:]:  # t0's upload became the base: it has no delta of its own to measure against
+        assert change_lost(amr.hyper.base_view(t), reference[t], amr.hyper.generate(t)) < 1e-3
+    path = save_hypernet(tmp_path / "grown.safetensors", amr.hyper, FINGERPRINT)
+    loaded = load_hypernet(path, FINGERPRINT)
+    assert loaded.code_size == 16
+    for t in amr.hyper.tasks:
+        for name, tensor in amr.hyper.generate(t).items():
+            assert torch.equal(loaded.generate(t)[name], tensor)
+
+
+def test_capacity_limit_refuses_with_the_limit_named(base):
+    from nnunet_feddah.method.dahyper import CapacityError
+
+    hyper = DAHyper(base, is_head, DAHyperConfig(code_dim=8, code_growth=8, code_headroom=2, max_code_dim=16))
+    for i in range(14):
+        hyper.register(f"t{i}", [1])
+    with pytest.raises(CapacityError, match="max_code_dim=16"):
+        hyper.register("one-too-many", [1])
+    assert "one-too-many" not in hyper.tasks and "one-too-many" not in hyper.embeddings
+    assert hyper.code_size == 16
+
+
+@pytest.mark.slow
+def test_64_tasks_with_full_rank_targets_keep_every_old_task_in_place(base):
+    """Real-shaped (CPU plan) full-rank targets, no exact residuals: each old task moves ≤ 1e-3 of its delta."""
+    from nnunet_feddah.method.aggregate import change_lost
+
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals="never"))
+    g = torch.Generator().manual_seed(1)
+    reference = {}
+    for i in range(64):
+        key = f"t{i}"
+        amr.allocate(key, [1 + i % 15])
+        amr.update(key, full_rank_change(amr.hyper.generate(key), g), round_index=i, source="s")
+        reference[key] = amr.hyper.generate(key)
+    assert amr.hyper.code_size >= 64 + amr.hyper.config.code_headroom
+    worst = max(change_lost(amr.hyper.base_view(t), reference[t], amr.hyper.generate(t)) for t in list(reference)[1:])
+    assert worst < 1e-3, worst

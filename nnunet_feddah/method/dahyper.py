@@ -3,7 +3,8 @@
 Plain torch: it knows tensor names and shapes, never nnU-Net. The structure (see docs/METHOD.md):
 
 * **Task embeddings** ``z_t ∈ R^d``, drawn from ``N(μ_z, σ²)`` when a task is registered.
-* **Stage 1 — per-layer codes, with the inter-layer encoder.** For the l-th generated tensor
+* **Stage 1 — per-layer codes, with the inter-layer encoder.** The code size h starts at ``code_dim`` and grows
+  with the registered tasks (:meth:`DAHyper._ensure_capacity`). For the l-th generated tensor
   ``c_{t,l} = tanh(E_l z_t + F c_{t,l-1})``: ``E_l`` is the layer's own embedding projection, ``F`` is one
   matrix shared by all layers that carries what was generated for the previous layer into the next
   (switch it off with ``layer_encoder=False``: then ``c_{t,l} = tanh(E_l z_t)``).
@@ -45,10 +46,13 @@ BACKGROUND = 0
 
 @dataclass(frozen=True)
 class DAHyperConfig:
-    """Sizes of the hypernetwork. ``code_dim`` bounds how many tasks are held exactly (see METHOD.md)."""
+    """Sizes of the hypernetwork. ``code_dim`` is the initial code size; it grows with the tasks (see METHOD.md)."""
 
     embedding_dim: int = 32  # d: task embedding z_t
-    code_dim: int = 32  # h: per-layer code c_{t,l}
+    code_dim: int = 32  # h: initial size of the per-layer code c_{t,l}
+    code_growth: int = 8  # dimensions added when the registered tasks would fill the code
+    code_headroom: int = 8  # free code dimensions kept beyond the registered tasks (independent codes)
+    max_code_dim: int = 1024  # hard limit: registering beyond it raises CapacityError
     rank: int = 16  # r: rank of low-rank deltas for large kernels
     organ_embedding_dim: int = 8  # k: organ embedding for head rows
     num_organ_slots: int = 16  # background + AMOS organs 1..15 (head rows of the base network)
@@ -58,11 +62,14 @@ class DAHyperConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("embedding_dim", "code_dim", "rank", "organ_embedding_dim", "num_organ_slots"):
+        for name in ("embedding_dim", "code_dim", "code_growth", "rank", "organ_embedding_dim", "num_organ_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DAHyperConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.embedding_std <= 0:
             raise ValueError(f"DAHyperConfig.embedding_std must be > 0, got {self.embedding_std}")
+        if self.code_headroom < 0 or self.max_code_dim < self.code_dim:
+            raise ValueError(f"DAHyperConfig: code_headroom must be ≥ 0 and max_code_dim ≥ code_dim, got "
+                             f"{self.code_headroom} and {self.max_code_dim} (code_dim {self.code_dim})")
 
 
 @dataclass
@@ -102,6 +109,10 @@ class Unit:
 
 class TargetMismatchError(FedDAHError, ValueError):
     """Target weights whose names, shapes or values cannot be fitted; raised before anything changes."""
+
+
+class CapacityError(FedDAHError, ValueError):
+    """Registering a task would need a code larger than ``max_code_dim``; nothing was changed."""
 
 
 def _unit_kind(name: str, shape: tuple[int, ...], is_head: bool, floating: bool, rank: int) -> str:
@@ -174,11 +185,58 @@ class DAHyper:
         if bad or not organs:
             raise ValueError(f"task {key!r}: organ ids must be 1..{self.config.num_organ_slots - 1}, got {list(organs)}")
         cfg = self.config
+        self._ensure_capacity(key, len(self.tasks) + 1)
         self.embeddings[key] = cfg.embedding_mean + cfg.embedding_std * torch.randn(cfg.embedding_dim,
                                                                                     generator=self._generator)
         record = TaskRecord(key, [int(o) for o in organs], first_round=round_index)
         self.tasks[key] = record
         return record
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def code_size(self) -> int:
+        """The current code size h (``config.code_dim`` until the tasks make it grow)."""
+        return self.params["encoder::F"].shape[0]
+
+    def _ensure_capacity(self, key: str, num_tasks: int) -> None:
+        """Grow the code so ``num_tasks`` + headroom fit, or refuse; growing leaves every output unchanged.
+
+        The closed-form edit holds the other tasks in place only while every task has a code direction of
+        its own: with more tasks than code dimensions an edit must move old tasks (measured: old-task drift
+        1.5e-4 at 31 tasks, 5 % at 33, over 1000 % at 41 with a fixed 32-dimensional code). So the code grows
+        by ``code_growth`` before it fills.
+        """
+        cfg, h = self.config, self.code_size
+        needed = num_tasks + cfg.code_headroom
+        if needed <= h:
+            return
+        new_h = h + cfg.code_growth * math.ceil((needed - h) / cfg.code_growth)
+        if new_h > cfg.max_code_dim:
+            raise CapacityError(
+                f"registering task {key!r} needs a code of {new_h} dimensions for {num_tasks} tasks, beyond "
+                f"DAHyperConfig.max_code_dim={cfg.max_code_dim}; raise strategy.params.max_code_dim in the "
+                f"federation plan (memory grows with it) — nothing was registered")
+        self._grow(new_h)
+
+    def _grow(self, new_h: int) -> None:
+        """Append code dimensions: new projection rows are drawn, new generator columns are zero, and the
+        encoder feeds no new dimension into an old one, so every task's generated weights stay the same."""
+        h, g, k = self.code_size, self._generator, self.config.organ_embedding_dim
+        extra = new_h - h
+        heads = {f"{u.name}::G" for u in self.units if u.kind == "head"}  # features c ⊗ e: h·k columns, h-major
+        for name, value in list(self.params.items()):
+            if name.endswith("::E"):
+                rows = torch.randn(extra, value.shape[1], generator=g) / math.sqrt(value.shape[1])
+                self.params[name] = torch.cat([value, rows])
+            elif name.endswith(("::G", "::GA", "::GB")):
+                width = extra * (k if name in heads else 1)
+                self.params[name] = torch.cat([value, value.new_zeros(value.shape[0], width)], dim=1)
+        old = self.params["encoder::F"]
+        grown = old.new_zeros(new_h, new_h)
+        grown[:h, :h] = old
+        if self.config.layer_encoder:
+            grown[h:] = torch.randn(extra, new_h, generator=g) / math.sqrt(new_h)
+        self.params["encoder::F"] = grown
 
     # ------------------------------------------------------------------ shapes
     def output_shapes(self, key: str) -> dict[str, tuple[int, ...]]:
@@ -198,7 +256,7 @@ class DAHyper:
         p = self.params if params is None else params
         z = self.embeddings[key] if embedding is None else embedding
         F = p["encoder::F"]
-        previous = torch.zeros(self.config.code_dim, dtype=z.dtype)
+        previous = torch.zeros(F.shape[0], dtype=z.dtype)
         out: dict[str, torch.Tensor] = {}
         for unit in self.units:
             if unit.kind == "fixed":
@@ -292,7 +350,7 @@ class DAHyper:
         hyper = cls(base, lambda n: n in heads, config)
         if [[u.name, list(u.shape), u.kind] for u in hyper.units] != [list(x) for x in info["units"]]:
             raise TargetMismatchError("stored DAHyper units do not match its base tensors; the file is corrupt")
-        hyper.params = {k: tensors[f"param/{k}"].clone() for k in hyper.params}
+        hyper.params = {k: tensors[f"param/{k}"].clone() for k in hyper.params}  # grown shapes come with them
         hyper.tasks = {t["key"]: TaskRecord(**t) for t in info["tasks"]}
         hyper.embeddings = {k: tensors[f"embedding/{k}"].clone() for k in hyper.tasks}
         for name, tensor in tensors.items():
