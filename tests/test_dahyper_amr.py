@@ -275,19 +275,25 @@ def full_rank_change(weights: dict[str, torch.Tensor], generator: torch.Generato
     return out
 
 
+def fit_full_rank_tasks(amr: AMR, n: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Allocate and fit ``n`` single-organ tasks one per round; each task's weights right after its fit."""
+    g = torch.Generator().manual_seed(seed)
+    reference = {}
+    for i in range(n):
+        key = f"t{i}"
+        amr.allocate(key, [1 + i % 15])
+        amr.update(key, full_rank_change(amr.hyper.generate(key), g), round_index=i, source="s")
+        reference[key] = amr.hyper.generate(key)
+    return reference
+
+
 def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path):
     """With a fixed code an old task moved by 37 % of its own delta at 33 tasks; the code now grows first."""
     from nnunet_feddah.method.aggregate import change_lost
 
     config = DAHyperConfig(code_dim=8, code_growth=4, code_headroom=2)
     amr = AMR(DAHyper(base, is_head, config), AMRConfig(exact_residuals="never"))
-    g = torch.Generator().manual_seed(0)
-    reference = {}
-    for i in range(10):
-        key = f"t{i}"
-        amr.allocate(key, [1 + i % 15])
-        amr.update(key, full_rank_change(amr.hyper.generate(key), g), round_index=i, source="s")
-        reference[key] = amr.hyper.generate(key)
+    reference = fit_full_rank_tasks(amr, 10, seed=0)
     assert amr.hyper.code_size == 12  # 10 tasks + 2 headroom: grown once from 8 by 4
     before = {t: amr.hyper.generate(t) for t in reference}
     amr.hyper.register("grows", [6])  # 11 + 2 > 12: grows to 16
@@ -323,13 +329,7 @@ def test_64_tasks_with_full_rank_targets_keep_every_old_task_in_place(base):
     from nnunet_feddah.method.aggregate import change_lost
 
     amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals="never"))
-    g = torch.Generator().manual_seed(1)
-    reference = {}
-    for i in range(64):
-        key = f"t{i}"
-        amr.allocate(key, [1 + i % 15])
-        amr.update(key, full_rank_change(amr.hyper.generate(key), g), round_index=i, source="s")
-        reference[key] = amr.hyper.generate(key)
+    reference = fit_full_rank_tasks(amr, 64, seed=1)
     assert amr.hyper.code_size >= 64 + amr.hyper.config.code_headroom
     worst = max(change_lost(amr.hyper.base_view(t), reference[t], amr.hyper.generate(t)) for t in list(reference)[1:])
     assert worst < 1e-3, worst
