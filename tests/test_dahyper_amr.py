@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from nnunet_feddah.method.aggregate import change_lost
 from nnunet_feddah.method.amr import AMR, AMRConfig, relative_l2
-from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig, TargetMismatchError
+from nnunet_feddah.method.dahyper import CapacityError, DAHyper, DAHyperConfig, TargetMismatchError
 from nnunet_feddah.method.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
 from nnunet_feddah.method.similarity import js_divergence
 from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors
@@ -289,8 +290,6 @@ def fit_full_rank_tasks(amr: AMR, n: int, seed: int) -> dict[str, dict[str, torc
 
 def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path):
     """With a fixed code an old task moved by 37 % of its own delta at 33 tasks; the code now grows first."""
-    from nnunet_feddah.method.aggregate import change_lost
-
     config = DAHyperConfig(code_dim=8, code_growth=4, code_headroom=2)
     amr = AMR(DAHyper(base, is_head, config), AMRConfig(exact_residuals="never"))
     reference = fit_full_rank_tasks(amr, 10, seed=0)
@@ -312,8 +311,6 @@ def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path
 
 
 def test_capacity_limit_refuses_with_the_limit_named(base):
-    from nnunet_feddah.method.dahyper import CapacityError
-
     hyper = DAHyper(base, is_head, DAHyperConfig(code_dim=8, code_growth=8, code_headroom=2, max_code_dim=16))
     for i in range(14):
         hyper.register(f"t{i}", [1])
@@ -326,8 +323,6 @@ def test_capacity_limit_refuses_with_the_limit_named(base):
 @pytest.mark.slow
 def test_64_tasks_with_full_rank_targets_keep_every_old_task_in_place(base):
     """Real-shaped (CPU plan) full-rank targets, no exact residuals: each old task moves ≤ 1e-3 of its delta."""
-    from nnunet_feddah.method.aggregate import change_lost
-
     amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals="never"))
     reference = fit_full_rank_tasks(amr, 64, seed=1)
     assert amr.hyper.code_size >= 64 + amr.hyper.config.code_headroom
