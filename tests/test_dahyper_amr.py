@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -216,11 +217,93 @@ def test_save_load_round_trip_is_bit_exact(base, tmp_path):
         load_hypernet(tmp_path / "nope.safetensors")
 
 
+def _three_fitted_tasks(base, **config) -> AMR:
+    amr = make_amr(base, **config)
+    for i, (key, organs) in enumerate([("kidneys", [2, 3]), ("liver", [6]), ("spleen", [1])]):
+        amr.allocate(key, organs)
+        amr.update(key, trained_like(amr.hyper, key, i, scale=1.0 if i == 0 else 0.05), round_index=i, source="a")
+    return amr
+
+
+def test_every_trained_parameter_group_changes_in_an_update_and_old_tasks_stay(base):
+    """Stage 1 trains z_T, every E_l, F and the organ embeddings; stage 2 the generators; the others are held.
+
+    The upload continues the liver's own change by 30 % (plus noise), which the generators learned already
+    express: stage 1 explains part of it (9 % of the error measured; the noise is not shared); a random change shares nothing and stage 1
+    keeps the codes as they were (tested with the 64 tasks below)."""
+    amr = _three_fitted_tasks(base)
+    hyper = amr.hyper
+    params = {k: v.clone() for k, v in hyper.params.items()}
+    embeddings = {k: v.clone() for k, v in hyper.embeddings.items()}
+    old = {t: hyper.generate(t) for t in ("kidneys", "spleen")}
+    now, start, noise = hyper.generate("liver"), hyper.base_view("liver"), trained_like(hyper, "liver", 7, scale=0.01)
+    upload = {k: noise[k] + 0.3 * (now[k] - start[k]) for k in now}
+    report = amr.update("liver", upload, round_index=3, source="a")
+    changed = {name for name, value in params.items() if not torch.equal(hyper.params[name], value)}
+    assert {n for n in params if n.endswith("::E")} <= changed  # every per-layer projection
+    assert {"encoder::F", "organs::embedding"} <= changed
+    moving = {k for k in upload if not torch.equal(upload[k], now[k])}  # (norm scales with std 0 get no noise)
+    assert {n for n in params if n.endswith(("::G", "::GA", "::GB")) and n.split("::")[0] in moving} <= changed
+    assert not torch.equal(hyper.embeddings["liver"], embeddings["liver"])
+    assert all(torch.equal(hyper.embeddings[t], embeddings[t]) for t in ("kidneys", "spleen"))
+    assert 1 < report.steps <= amr.config.code_steps + 1 and 0.05 < report.shared_explained <= 1
+    assert report.update_lost < 1e-4  # the exact residual of the active task
+    for t, weights in old.items():  # stage 2 put them back although stage 1 moved their codes
+        assert relative_l2(hyper.generate(t), weights) < 1e-6
+    assert change_lost(hyper.base_view("spleen"), old["spleen"], hyper.generate("spleen")) < 1e-4  # of its delta
+
+
+def test_factor_targets_are_aligned_with_what_the_task_generates(base):
+    """An upload equal to what the generators give maps to exactly their outputs (SVD rotation removed)."""
+    from nnunet_feddah.method.recalibration import generator_targets
+
+    amr = _three_fitted_tasks(base)
+    hyper = amr.hyper
+    wanted = generator_targets(hyper, "liver", hyper.generate("liver", with_residual=False))
+    inputs, owner = hyper.generator_inputs(list(hyper.tasks))
+    index = list(hyper.tasks).index("liver")
+    lowrank = [p for p in wanted if p.endswith("::GA")]
+    assert lowrank
+    for param, output in wanted.items():
+        now = hyper.params[param].double() @ inputs[param][:, owner[param] == index].double()
+        # float32 weights leave ~1e-4 in the SVD of small deltas; an unaligned factor would be off by O(1)
+        assert float((output - now).norm()) <= 1e-3 * max(float(now.norm()), 1e-6), param
+
+
 def test_encoder_switch_changes_codes_only_when_enabled(base):
     with_encoder = DAHyper(base, is_head, DAHyperConfig(layer_encoder=True))
     without = DAHyper(base, is_head, DAHyperConfig(layer_encoder=False))
     assert torch.count_nonzero(without.params["encoder::F"]) == 0
     assert torch.count_nonzero(with_encoder.params["encoder::F"]) > 0
+    assert all(torch.equal(without.params[k], v) for k, v in with_encoder.params.items() if k != "encoder::F")
+
+
+def _composed_federation(base, layer_encoder: bool) -> AMR:
+    """Three tasks fitted from donor starts (so both federations get the same uploads), then a composed one."""
+    amr = _three_fitted_tasks(base, layer_encoder=layer_encoder)
+    amr.config = replace(amr.config, new_task_start="composed")
+    amr.allocate("liver+kidneys", [6, 2, 3])
+    return amr
+
+
+def test_composed_start_is_generated_from_the_organs_tasks_and_depends_on_the_encoder(base):
+    """Fitted tasks come out the same with and without the encoder (stage 2 fits them exactly); a composed
+    new task is what the hypernetwork generates for its embedding, and there the encoder changes the weights."""
+    on, off = _composed_federation(base, True), _composed_federation(base, False)
+    hyper = on.hyper
+    prototypes = [hyper.embeddings[t] for t in ("liver", "kidneys", "kidneys")]  # one per organ: 6, 2, 3
+    jitter = hyper.embeddings["liver+kidneys"] - torch.stack(prototypes).mean(0)
+    assert 0 < float(jitter.norm()) < 0.2 * float(prototypes[0].norm())  # the organs' mean plus a small jitter
+    for t in ("liver", "spleen"):
+        assert relative_l2(off.hyper.generate(t), hyper.generate(t)) < 1e-5
+    composed_on, composed_off = hyper.generate("liver+kidneys"), off.hyper.generate("liver+kidneys")
+    base_view = hyper.base_view("liver+kidneys")
+    assert change_lost(base_view, composed_on, composed_off) > 1e-2  # of the composed task's own delta
+    liver = hyper.generate("liver")
+    trunk = [k for k in liver if not is_head(k)]
+    assert relative_l2({k: composed_on[k] for k in trunk}, {k: liver[k] for k in trunk}) < 0.2
+    with pytest.raises(ValueError, match="new_task_start"):
+        AMRConfig(new_task_start="nearest")
 
 
 def test_round_combines_changes_by_training_cases_and_weighs_a_new_source_by_ws(base):

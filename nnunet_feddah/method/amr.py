@@ -23,11 +23,14 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   the loss is reported). ``"never"`` keeps only the generators, ``"always"`` never compresses.
 * **Recalibration** minimises ``L_hyper = L_task + β·L_R`` with
   ``L_task = ‖g_T(θ) − g*_T‖²`` and ``L_R = Σ_{t≠T} ‖g_t(θ) − g_t(θ_before)‖²`` over the generator
-  outputs ``g`` (dense deltas, low-rank factors, head rows). Because stage 2 is linear in its weights
-  ``G`` for fixed codes, the minimiser of ``L_hyper + λ‖ΔG‖²`` over ``G`` is closed-form:
-  ``ΔG = E Φᵀ (ΦΦᵀ + λI + β Φ_old Φ_oldᵀ)⁻¹`` (E: residuals of task T, Φ: its codes, Φ_old: codes of all
-  other tasks). ``solver="adam"`` instead runs the paper's Adam (lr 1e-3) on every parameter and the
-  embedding; it is kept as the ablation that justifies the closed form.
+  outputs ``g`` (dense deltas, low-rank factors aligned by Procrustes, head rows), in two stages:
+  stage 1 (:func:`~nnunet_feddah.method.recalibration.fit_codes`) trains ``z_T``, every projection ``E_l``, the
+  encoder ``F`` and the organ embeddings by Adam with the generators held (exact and cheap through the
+  Gram matrices ``GᵀG``); stage 2 (:func:`~nnunet_feddah.method.recalibration.refit_generator`) refits every generator ``G`` in closed form, which
+  also puts the other tasks' outputs back where stage 1 moved them:
+  ``ΔG = [(Y − GΦ)Φᵀ + β G(Φ_h⁰ − Φ_h)Φ_hᵀ] (ΦΦᵀ + βΦ_hΦ_hᵀ + λI)⁻¹``.
+  ``solver="adam"`` instead runs the paper's Adam (lr 1e-3) on every parameter and the embedding; it is
+  kept as the ablation that justifies the closed form.
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ from nnunet_feddah.method.aggregate import (
     organ_keyed_mean,
 )
 from nnunet_feddah.method.dahyper import DAHyper
-from nnunet_feddah.method.donor import FittedTask, donor_start
+from nnunet_feddah.method.donor import FittedTask, composed_embedding, donor_start
+from nnunet_feddah.method.recalibration import CodeFit, fit_codes, generator_targets, refit_generator
 from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 
 SOLVERS = ("closed_form", "adam")
+NEW_TASK_STARTS = ("donor", "composed")
 EXACT_RESIDUALS = ("active", "never", "always")
 SIMILARITIES = ("predictive", "weights", "fixed", "cases")
 SIMILARITY_ALIASES = {"js": "weights"}  # the spelling of states written before 2026-12-02 (weight histograms)
@@ -62,8 +67,12 @@ class AMRConfig:
     beta: float = 1.0  # weight of the historical regulariser L_R (0 = ablation −L_R)
     ridge: float = 1e-6  # λ: proximal term that keeps the closed-form edit well posed
     solver: str = "closed_form"
-    adam_steps: int = 100
+    adam_steps: int = 100  # solver="adam": steps of the all-parameter ablation
     adam_lr: float = 1e-3
+    code_steps: int = 40  # closed_form: Adam steps of the first stage (codes, generators held; 0 = off)
+    code_lr: float = 1e-3  # the paper's learning rate, for what all tasks share (E_l, F, organ embeddings)
+    embedding_lr: float = 1e-2  # for the task's own embedding z_T (its entries are ~σ = 1, E's ~0.18)
+    code_trust: float = 1.0  # weight of how far stage 1 moves the other tasks' codes (keeps them apart)
     # how W_s is found for an upload from a new source (docs/METHOD.md §6): "predictive" (the site's JS of its
     # predictions against the received weights'; fixed_similarity where a site sent none), "weights" (weight-value
     # histograms, the reading before 2026-12-02), "fixed" (ablation −W_s), "cases" (history counted as the
@@ -75,10 +84,14 @@ class AMRConfig:
     max_history_weight: float = 0.5  # weights: W_s = max_history_weight · (1 − JS)
     js_bins: int = 32
     exact_residuals: str = "active"  # keep what the generators miss while a task is trained ("never", "always")
+    # where a new task starts (docs/METHOD.md): "donor" fits a copy of the most organ-sharing task; "composed"
+    # generates it from the mean embedding of its organs' fitted tasks, jittered by composition_jitter·σ
+    new_task_start: str = "donor"
+    composition_jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.beta < 0 or self.ridge <= 0:
-            raise ValueError("AMRConfig: beta must be ≥ 0 and ridge > 0")
+        if self.beta < 0 or self.ridge <= 0 or self.code_trust < 0:
+            raise ValueError("AMRConfig: beta and code_trust must be ≥ 0 and ridge > 0")
         if self.solver not in SOLVERS:
             raise ValueError(f"AMRConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         object.__setattr__(self, "similarity", SIMILARITY_ALIASES.get(self.similarity, self.similarity))
@@ -86,6 +99,10 @@ class AMRConfig:
             raise ValueError(f"AMRConfig.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.ws_js_mid <= 0 or self.ws_js_scale <= 0:
             raise ValueError("AMRConfig: ws_js_mid and ws_js_scale must be > 0")
+        if self.new_task_start not in NEW_TASK_STARTS:
+            raise ValueError(f"AMRConfig.new_task_start must be one of {NEW_TASK_STARTS}, got {self.new_task_start!r}")
+        if self.composition_jitter < 0:
+            raise ValueError("AMRConfig.composition_jitter must be ≥ 0")
         if self.exact_residuals not in EXACT_RESIDUALS:
             raise ValueError(f"AMRConfig.exact_residuals must be one of {EXACT_RESIDUALS}, "
                              f"got {self.exact_residuals!r}")
@@ -118,6 +135,8 @@ class AMRReport:
     generator_lost: float = 0.0  # the same for the generators alone (the residual dropped)
     predictive_js: float | None = None  # what the site measured on its validation cases
     ws_measure: str | None = None  # what W_s came from: "predictive", "weights", "fixed", "cases" (None: no W_s)
+    shared_explained: float | None = None  # share of the task's generator-output error stage 1 explained
+    delta_carried: float | None = None  # 1 − ‖generators alone − W*‖ / ‖W* − base‖ (None: W* is the base)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -129,6 +148,14 @@ def relative_l2(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) ->
     num = sum(float((a[k] - v).pow(2).sum(dtype=torch.float64)) for k, v in b.items() if v.is_floating_point())
     den = sum(float(v.pow(2).sum(dtype=torch.float64)) for v in b.values() if v.is_floating_point())
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def _carried(base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+             generators_alone: Mapping[str, torch.Tensor]) -> float | None:
+    """How much of the task's own delta ``W* − base`` the generators hold without the exact residual."""
+    if norm({k: v.double() - base[k].double() for k, v in target.items() if v.is_floating_point()}) <= 1e-9 * norm(target):
+        return None
+    return 1.0 - change_lost(base, target, generators_alone)
 
 
 def _on_cpu(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,11 +172,19 @@ class AMR:
 
     # ------------------------------------------------------------------ allocation of new tasks
     def allocate(self, key: str, organs: Sequence[int], round_index: int | None = None) -> AMRReport:
-        """Register a task and give it a starting point: the most organ-sharing task, rows per organ."""
+        """Register a task and give it a starting point (``new_task_start``): a fitted copy of the most
+        organ-sharing task (head rows per organ), or what the hypernetwork generates for a composed embedding."""
         start = time.perf_counter()
         hyper = self.hyper
         record = hyper.register(key, organs, round_index)
-        allocation = donor_start(record.organs, self.fitted_tasks(exclude=key), hyper.generate, hyper.base,
+        fitted = self.fitted_tasks(exclude=key)
+        if self.config.new_task_start == "composed":
+            composed = composed_embedding(record.organs, fitted, hyper.embeddings)
+            if composed is not None:  # the drawn z − μ becomes the jitter that keeps its code apart
+                drawn = hyper.embeddings[key] - hyper.config.embedding_mean
+                hyper.embeddings[key] = composed + self.config.composition_jitter * drawn
+            return self._allocation_report(key, 0.0, 0, start, {}, {})
+        allocation = donor_start(record.organs, fitted, hyper.generate, hyper.base,
                                  [u.name for u in hyper.units if u.kind == "head"])
         if allocation is None:  # nothing learned yet: the new task generates the base (G is still zero)
             return self._allocation_report(key, 0.0, 0, start, {}, {})
@@ -194,9 +229,7 @@ class AMR:
         rebased = not hyper.has_base_fit
         if rebased:
             self._rebase(targets, {key: sum(c.num_training_cases for c in group) for key, group in rounds.items()})
-        steps = 0
-        for key in rounds:
-            steps = self._solve(key, targets[key])
+        solved = {key: self._solve(key, targets[key]) for key in rounds}
         for key in rounds:
             self._keep_residual(key, targets[key])
         drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
@@ -208,12 +241,15 @@ class AMR:
         for key, group in rounds.items():
             target, keeps, history_weights = aggregations[key]
             generated = hyper.generate(key)
+            generators_alone = hyper.generate(key, with_residual=False)
             common = dict(task=key, new_task=False, rebased=rebased, loss_task_before=loss_before[key],
                           loss_task_after=relative_l2(generated, target) ** 2,
-                          loss_reg_after=sum(d ** 2 for d in drift.values()), steps=steps, seconds=seconds,
+                          loss_reg_after=sum(d ** 2 for d in drift.values()), steps=solved[key][0],
+                          shared_explained=solved[key][1], seconds=seconds,
                           fidelity_rel_l2=relative_l2(generated, target), drift=drift, contributions=len(group),
                           update_lost=change_lost(sent[key], target, generated),
-                          generator_lost=change_lost(sent[key], target, hyper.generate(key, with_residual=False)))
+                          generator_lost=change_lost(sent[key], target, generators_alone),
+                          delta_carried=_carried(hyper.base_view(key), target, generators_alone))
             by_source = {c.source: AMRReport(**common, source=c.source, case_weight=w, keep=k,
                                              similarity=None if ws is None else ws.value,
                                              js_divergence=None if ws is None else ws.divergence,
@@ -248,13 +284,14 @@ class AMR:
                          heads.__contains__)
         hyper.has_base_fit = True
 
-    def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> int:
-        """Refit the generators to ``target`` under ``β·L_R``; the number of optimiser steps."""
+    def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> tuple[int, float | None]:
+        """Refit the hypernetwork to ``target`` under ``β·L_R``: optimiser steps, and the share of the task's
+        generator-output error its first stage explained with generators learned before (closed form only)."""
         others = [t for t in self.hyper.tasks if t != key]
         if self.config.solver == "closed_form":
-            self._solve_closed_form(key, target, others)
-            return 1
-        return self._solve_adam(key, target, {t: self.hyper.generate(t) for t in others})
+            fit = self._solve_closed_form(key, target, others)
+            return fit.steps + 1, fit.explained
+        return self._solve_adam(key, target, {t: self.hyper.generate(t) for t in others}), None
 
     def _keep_residual(self, key: str, target: Mapping[str, torch.Tensor]) -> None:
         """Store what the generators miss of ``target`` (unless ``exact_residuals="never"``)."""
@@ -293,51 +330,25 @@ class AMR:
         hyper = self.hyper
         snapshot = {t: hyper.generate(t) for t in hyper.tasks if t != key}
         loss_before = relative_l2(hyper.generate(key), target) ** 2
-        steps = self._solve(key, target)
+        steps, _ = self._solve(key, target)
         self._keep_residual(key, target)
         return self._allocation_report(key, loss_before, steps, start, target, snapshot)
 
-    def _solve_closed_form(self, key: str, target: Mapping[str, torch.Tensor], others: list[str]) -> None:
-        hyper = self.hyper
-        codes_t = hyper.codes(key)
-        codes_old = {t: hyper.codes(t) for t in others}
-        slots = hyper.tasks[key].output_slots
-        rank = hyper.config.rank
-        for unit in hyper.units:
-            if unit.kind == "fixed":
-                continue
-            code = codes_t[unit.name]
-            base = hyper.base[unit.name]
-            if unit.kind == "head":
-                phi = hyper.head_features(code, slots)
-                phi_old = [hyper.head_features(codes_old[t][unit.name], hyper.tasks[t].output_slots) for t in others]
-                residual_target = (target[unit.name] - base[slots]).reshape(len(slots), -1).T
-                self._edit(f"{unit.name}::G", phi, phi_old, residual_target)
-                continue
-            phi, phi_old = code[:, None], [codes_old[t][unit.name][:, None] for t in others]
-            delta = (target[unit.name] - base).double()
-            if unit.kind == "dense":
-                self._edit(f"{unit.name}::G", phi, phi_old, delta.reshape(-1, 1))
-                continue
-            m, n = unit.matrix_shape
-            u, s, vh = torch.linalg.svd(delta.reshape(m, n), full_matrices=False)
-            root = s[:rank].sqrt()
-            a = (u[:, :rank] * root).reshape(-1, 1)
-            b = (vh[:rank].T * root).reshape(-1, 1)
-            self._edit(f"{unit.name}::GA", phi, phi_old, a)
-            self._edit(f"{unit.name}::GB", phi, phi_old, b)
-
-    def _edit(self, param: str, phi: torch.Tensor, phi_old: list[torch.Tensor], wanted: torch.Tensor) -> None:
-        """``G += E Φᵀ (ΦΦᵀ + λI + β Φ_old Φ_oldᵀ)⁻¹`` with ``E = wanted − G Φ`` (the L_hyper minimiser)."""
-        g = self.hyper.params[param]
-        phi = phi.double()
-        residual = wanted.double() - g.double() @ phi
-        gram = phi @ phi.T + self.config.ridge * torch.eye(phi.shape[0], dtype=torch.float64)
-        if phi_old and self.config.beta > 0:
-            old = torch.cat(phi_old, dim=1).double()
-            gram = gram + self.config.beta * old @ old.T
-        solve = torch.linalg.solve(gram, phi)  # (f, k): gram⁻¹ Φ (gram is symmetric)
-        self.hyper.params[param] = (g.double() + residual @ solve.T).to(g.dtype)
+    def _solve_closed_form(self, key: str, target: Mapping[str, torch.Tensor], others: list[str]) -> CodeFit:
+        """Stage 1 (:func:`fit_codes`: Adam on the codes, generators held), then stage 2 (:func:`refit_generator`)."""
+        hyper, cfg = self.hyper, self.config
+        wanted = generator_targets(hyper, key, target)
+        held_before, _ = hyper.generator_inputs(others) if others else ({}, {})
+        fit = fit_codes(hyper, key, wanted, beta=cfg.beta, trust=cfg.code_trust, steps=cfg.code_steps,
+                        lr=cfg.code_lr, embedding_lr=cfg.embedding_lr)
+        inputs, _ = hyper.generator_inputs([key, *others])
+        for param, wanted_output in wanted.items():
+            columns = wanted_output.shape[1]
+            now = inputs[param]
+            hyper.params[param] = refit_generator(hyper.params[param], now[:, :columns], wanted_output,
+                                                  held_before.get(param, now[:, :0]), now[:, columns:],
+                                                  beta=cfg.beta, ridge=cfg.ridge)
+        return fit
 
     def _solve_adam(self, key: str, target: Mapping[str, torch.Tensor],
                     snapshot: Mapping[str, Mapping[str, torch.Tensor]]) -> int:

@@ -166,8 +166,8 @@ class DAHyper:
                 self.params[f"{name}::GB"] = torch.zeros(n * cfg.rank, h)
             else:
                 self.params[f"{name}::G"] = torch.zeros(unit.row_numel, h * cfg.organ_embedding_dim)
-        self.params["encoder::F"] = (torch.randn(h, h, generator=generator) / math.sqrt(h)
-                                     if cfg.layer_encoder else torch.zeros(h, h))
+        # drawn either way, so that switching the encoder off changes nothing but the encoder
+        self.params["encoder::F"] = torch.randn(h, h, generator=generator) / math.sqrt(h) * float(cfg.layer_encoder)
         self.params["organs::embedding"] = torch.randn(cfg.num_organ_slots, cfg.organ_embedding_dim,
                                                        generator=generator)
         self.embeddings: dict[str, torch.Tensor] = {}
@@ -234,8 +234,7 @@ class DAHyper:
         old = self.params["encoder::F"]
         grown = old.new_zeros(new_h, new_h)
         grown[:h, :h] = old
-        if self.config.layer_encoder:
-            grown[h:] = torch.randn(extra, new_h, generator=g) / math.sqrt(new_h)
+        grown[h:] = torch.randn(extra, new_h, generator=g) / math.sqrt(new_h) * float(self.config.layer_encoder)
         self.params["encoder::F"] = grown
 
     # ------------------------------------------------------------------ shapes
@@ -253,18 +252,51 @@ class DAHyper:
     def codes(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
               embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-layer codes ``c_{t,l}`` of a task, layer by layer through the inter-layer encoder."""
-        p = self.params if params is None else params
         z = self.embeddings[key] if embedding is None else embedding
+        return {name: code[:, 0] for name, code in self.codes_batch(z[:, None], params).items()}
+
+    def codes_batch(self, embeddings: torch.Tensor,
+                    params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Codes of many tasks at once: ``embeddings`` is ``(d, tasks)``, every code ``(h, tasks)``."""
+        p = self.params if params is None else params
         F = p["encoder::F"]
-        previous = torch.zeros(F.shape[0], dtype=z.dtype)
+        previous = embeddings.new_zeros(F.shape[0], embeddings.shape[1])
         out: dict[str, torch.Tensor] = {}
         for unit in self.units:
             if unit.kind == "fixed":
                 continue
-            code = torch.tanh(p[f"{unit.name}::E"] @ z + F @ previous)
-            out[unit.name] = code
-            previous = code
+            previous = out[unit.name] = torch.tanh(p[f"{unit.name}::E"] @ embeddings + F @ previous)
         return out
+
+    def generator_inputs(self, keys: Sequence[str], params: Mapping[str, torch.Tensor] | None = None,
+                         embeddings: torch.Tensor | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What every generator matrix multiplies, for the tasks ``keys``: ``(inputs, owner)``.
+
+        ``inputs[param]`` has one column per task (trunk generators: the code) or per (task, output slot)
+        (heads: ``c ⊗ e_organ``); ``owner[param]`` gives each column's position in ``keys``. ``embeddings``
+        (``(d, len(keys))``) replaces the stored ones. Every generated output is ``G @ inputs`` (AMR's
+        quadratic forms and closed-form edits are written on these columns).
+        """
+        p = self.params if params is None else params
+        z = torch.stack([self.embeddings[k] for k in keys], dim=1) if embeddings is None else embeddings
+        codes = self.codes_batch(z, p)
+        slots = [(i, s) for i, key in enumerate(keys) for s in self.tasks[key].output_slots]
+        head_owner = torch.tensor([i for i, _ in slots], dtype=torch.long)
+        organs = p["organs::embedding"][[s for _, s in slots]]  # (columns, k)
+        task_owner = torch.arange(len(keys))
+        inputs: dict[str, torch.Tensor] = {}
+        owner: dict[str, torch.Tensor] = {}
+        for unit in self.units:
+            code = codes.get(unit.name)
+            if unit.kind in ("dense", "lowrank"):
+                for suffix in (("G",) if unit.kind == "dense" else ("GA", "GB")):
+                    inputs[f"{unit.name}::{suffix}"], owner[f"{unit.name}::{suffix}"] = code, task_owner
+            elif unit.kind == "head":
+                features = code[:, head_owner][:, None, :] * organs.T[None]  # (h, k, columns): h-major
+                inputs[f"{unit.name}::G"] = features.reshape(-1, len(slots))
+                owner[f"{unit.name}::G"] = head_owner
+        return inputs, owner
 
     def head_features(self, code: torch.Tensor, slots: Sequence[int],
                       params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -12,6 +12,10 @@ FedDAH (:meth:`nnunet_feddah.method.amr.AMR.allocate`) and the donor-initialised
 
 Only *whose* weights are used differs between the strategies: FedDAH passes its generated weights, the
 baseline its own averaged models. Given the same donor weights, both start from bit-identical tensors.
+
+FedDAH can instead start a task from a **composed embedding** (:func:`composed_embedding`, AMR's
+``new_task_start="composed"``): the task's embedding is built from those of the fitted tasks that share its
+organs, and its first weights are whatever the hypernetwork generates for it — no copy is fitted.
 """
 
 from __future__ import annotations
@@ -84,3 +88,21 @@ def donor_start(organs: Sequence[int], fitted: Iterable[FittedTask],
                 rows.append(base[name][organ])
         start[name] = torch.stack(rows)
     return donor.key, start
+
+
+def composed_embedding(organs: Sequence[int], fitted: Iterable[FittedTask],
+                       embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """A new task's embedding from what the fitted tasks learned: the mean of its organs' prototypes.
+
+    An organ's prototype is the mean embedding of the fitted tasks that segment it; organs no fitted task
+    has are skipped, and a task with none of them gets the mean of every fitted task. ``None``: nothing is
+    fitted yet.
+    """
+    fitted = list(fitted)
+    if not fitted:
+        return None
+    prototypes = [torch.stack([embeddings[t.key] for t in fitted if organ in t.organs]).mean(0)
+                  for organ in organs if any(organ in t.organs for t in fitted)]
+    if not prototypes:
+        prototypes = [embeddings[t.key] for t in fitted]
+    return torch.stack(prototypes).mean(0)

@@ -38,6 +38,7 @@ FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
     "feddah-wsCases": {"similarity": "cases"},  # W_s from training cases: case-weighted averaging across time
     "feddah-wsWeights": {"similarity": "weights"},  # W_s from weight histograms (the reading before 2026-12-02)
     "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
+    "feddah-composed": {"new_task_start": "composed"},  # new tasks generated from their organs' embeddings
 }
 STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))
 STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28
