@@ -186,4 +186,5 @@ def test_ablation_names_force_their_switch(base):
     assert make_strategy("feddah-noWs", {}, base, is_head).amr.config.similarity == "fixed"
     no_encoder = make_strategy("feddah-noencoder", {}, base, is_head).hyper
     assert not no_encoder.config.layer_encoder and torch.count_nonzero(no_encoder.params["encoder::F"]) == 0
+    assert make_strategy("feddah-composed", {}, base, is_head).amr.config.new_task_start == "composed"
     assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).hyper.config.rank == 8
