@@ -115,6 +115,11 @@ class CapacityError(FedDAHError, ValueError):
     """Registering a task would need a code larger than ``max_code_dim``; nothing was changed."""
 
 
+def _head_columns(codes: torch.Tensor, organs: torch.Tensor) -> torch.Tensor:
+    """``c_j ⊗ e_j`` for every column j (codes ``(h, N)``, organ embeddings ``(N, k)``): ``(h·k, N)``, h-major."""
+    return (codes[:, None, :] * organs.T[None]).reshape(-1, codes.shape[1])
+
+
 def _unit_kind(name: str, shape: tuple[int, ...], is_head: bool, floating: bool, rank: int) -> str:
     if not floating:
         return "fixed"
@@ -293,8 +298,7 @@ class DAHyper:
                 for suffix in (("G",) if unit.kind == "dense" else ("GA", "GB")):
                     inputs[f"{unit.name}::{suffix}"], owner[f"{unit.name}::{suffix}"] = code, task_owner
             elif unit.kind == "head":
-                features = code[:, head_owner][:, None, :] * organs.T[None]  # (h, k, columns): h-major
-                inputs[f"{unit.name}::G"] = features.reshape(-1, len(slots))
+                inputs[f"{unit.name}::G"] = _head_columns(code[:, head_owner], organs)
                 owner[f"{unit.name}::G"] = head_owner
         return inputs, owner
 
@@ -302,8 +306,7 @@ class DAHyper:
                       params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Features ``c ⊗ e_organ`` of head rows, one column per output slot."""
         p = self.params if params is None else params
-        organ = p["organs::embedding"][list(slots)]  # (rows, k)
-        return torch.einsum("h,rk->hkr", code, organ).reshape(-1, len(slots))
+        return _head_columns(code[:, None].expand(-1, len(slots)), p["organs::embedding"][list(slots)])
 
     # ------------------------------------------------------------------ stage 2
     def factors(self, unit: Unit, code: torch.Tensor,
