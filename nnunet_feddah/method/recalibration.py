@@ -93,8 +93,9 @@ def fit_codes(hyper: DAHyper, key: str, wanted: Mapping[str, torch.Tensor], *, b
     """
     keys = list(hyper.tasks)
     index = keys.index(key)
-    scale = max(sum(float(y.pow(2).sum()) for y in wanted.values()), 1e-30)
-    constant = sum(float(y.pow(2).sum()) for y in wanted.values()) / scale
+    total = sum(float(y.pow(2).sum()) for y in wanted.values())  # ‖y‖²: L_task is relative to it
+    scale = max(total, 1e-30)
+    constant = total / scale
     # trunk units (one input column per task, shared by G_A and G_B) are stacked into one batched form;
     # heads (one column per task and output slot) stay per tensor
     trunk = [u.name for u in hyper.units if u.kind in ("dense", "lowrank")]
@@ -173,9 +174,9 @@ def fit_codes(hyper: DAHyper, key: str, wanted: Mapping[str, torch.Tensor], *, b
         optimizer.step()
     with torch.no_grad():
         task, reg, wandered = losses()
-        if float(task + beta * reg + trust * wandered) < best[0]:
-            best = (float(task + beta * reg + trust * wandered), float(task), float(reg), steps,
-                    _values(trained, z_key))
+        objective = float(task + beta * reg + trust * wandered)
+        if objective < best[0]:
+            best = (objective, float(task), float(reg), steps, _values(trained, z_key))
     _, task_after, reg_after, best_step, values = best
     if values is None:  # no step lowered the objective: the codes stay as they were
         return CodeFit(task_before, task_before, 0.0, 0)
