@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nnunet_feddah.method.aggregate import change_lost
-from nnunet_feddah.method.amr import AMR, AMRConfig, relative_l2
+from nnunet_feddah.method.aggregate import change_lost, relative_l2
+from nnunet_feddah.method.amr import AMR, AMRConfig
 from nnunet_feddah.method.dahyper import CapacityError, DAHyper, DAHyperConfig, TargetMismatchError
 from nnunet_feddah.method.hypernet_file import HypernetFileError, load_hypernet, save_hypernet
 from nnunet_feddah.method.similarity import js_divergence

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnunet_feddah.federation.plan_reader import parse_plan
-from nnunet_feddah.method.amr import relative_l2
+from nnunet_feddah.method.aggregate import relative_l2
 from nnunet_feddah.method.donor import FittedTask, choose_donor, donor_start
 from nnunet_feddah.method.fedavg import DonorPerTaskFedAvgStrategy, PerTaskFedAvgStrategy
 from nnunet_feddah.method.feddah import FedDAHStrategy

@@ -49,10 +49,11 @@ from nnunet_feddah.method.aggregate import (
     in_source_order,
     norm,
     organ_keyed_mean,
+    relative_l2,
 )
 from nnunet_feddah.method.dahyper import DAHyper
 from nnunet_feddah.method.donor import FittedTask, composed_embedding, donor_start
-from nnunet_feddah.method.recalibration import CodeFit, fit_codes, generator_targets, refit_generator
+from nnunet_feddah.method.recalibration import CodeFit, TasksBefore, fit_codes, generator_targets, refit_generator
 from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 
 SOLVERS = ("closed_form", "adam")
@@ -142,14 +143,6 @@ class AMRReport:
         return asdict(self)
 
 
-def relative_l2(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """‖a − b‖ / ‖b‖ over all floating tensors of ``b``."""
-    # differences in the tensors' own precision, sums accumulated in float64: half the time of all-float64
-    num = sum(float((a[k] - v).pow(2).sum(dtype=torch.float64)) for k, v in b.items() if v.is_floating_point())
-    den = sum(float(v.pow(2).sum(dtype=torch.float64)) for v in b.values() if v.is_floating_point())
-    return (num / max(den, 1e-30)) ** 0.5
-
-
 def _carried(base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
              generators_alone: Mapping[str, torch.Tensor]) -> float | None:
     """How much of the task's own delta ``W* − base`` the generators hold without the exact residual."""
@@ -224,7 +217,7 @@ class AMR:
         sent = {key: hyper.generate(key) for key in rounds}
         aggregations = {key: self._aggregate(key, group, sent[key]) for key, group in rounds.items()}
         targets = {key: a[0] for key, a in aggregations.items()}
-        snapshot = {t: hyper.generate(t) for t in hyper.tasks if t not in rounds}
+        before = TasksBefore(hyper, [t for t in hyper.tasks if t not in rounds])
         loss_before = {key: relative_l2(sent[key], targets[key]) ** 2 for key in rounds}
         rebased = not hyper.has_base_fit
         if rebased:
@@ -232,7 +225,7 @@ class AMR:
         solved = {key: self._solve(key, targets[key]) for key in rounds}
         for key in rounds:
             self._keep_residual(key, targets[key])
-        drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
+        drift = before.drift()
         self._bookkeep(rounds, round_index)
         self.compressed = (self._compress_idle(set(rounds), round_index)
                            if self.config.exact_residuals == "active" else [])
@@ -328,11 +321,11 @@ class AMR:
     def _fit_allocation(self, key: str, target: Mapping[str, torch.Tensor], start: float) -> AMRReport:
         """Fit a new task's generators to its start weights (kept exact while it is active)."""
         hyper = self.hyper
-        snapshot = {t: hyper.generate(t) for t in hyper.tasks if t != key}
+        before = TasksBefore(hyper, [t for t in hyper.tasks if t != key])
         loss_before = relative_l2(hyper.generate(key), target) ** 2
         steps, _ = self._solve(key, target)
         self._keep_residual(key, target)
-        return self._allocation_report(key, loss_before, steps, start, target, snapshot)
+        return self._allocation_report(key, loss_before, steps, start, target, before.drift())
 
     def _solve_closed_form(self, key: str, target: Mapping[str, torch.Tensor], others: list[str]) -> CodeFit:
         """Stage 1 (:func:`fit_codes`: Adam on the codes, generators held), then stage 2 (:func:`refit_generator`)."""
@@ -376,13 +369,12 @@ class AMR:
 
     def _allocation_report(self, key: str, loss_before: float, steps: int, start: float,
                            target: Mapping[str, torch.Tensor],
-                           snapshot: Mapping[str, Mapping[str, torch.Tensor]]) -> AMRReport:
+                           drift: Mapping[str, float]) -> AMRReport:
         hyper = self.hyper
         generated = hyper.generate(key)
-        drift = {t: relative_l2(hyper.generate(t), old) for t, old in snapshot.items()}
         fidelity = relative_l2(generated, target) if target else 0.0
         return AMRReport(
             task=key, new_task=True, rebased=False, similarity=None, js_divergence=None,
             loss_task_before=loss_before, loss_task_after=fidelity ** 2, loss_reg_after=sum(d ** 2 for d in drift.values()),
             steps=steps, seconds=time.perf_counter() - start, fidelity_rel_l2=fidelity,
-            upload_rel_l2=fidelity, drift=drift, source=None)
+            upload_rel_l2=fidelity, drift=dict(drift), source=None)

@@ -49,9 +49,9 @@ class DAHyperConfig:
     """Sizes of the hypernetwork. ``code_dim`` is the initial code size; it grows with the tasks (see METHOD.md)."""
 
     embedding_dim: int = 32  # d: task embedding z_t
-    code_dim: int = 32  # h: initial size of the per-layer code c_{t,l}
-    code_growth: int = 8  # dimensions added when the registered tasks would fill the code
-    code_headroom: int = 8  # free code dimensions kept beyond the registered tasks (independent codes)
+    code_dim: int = 16  # h: initial size of the per-layer code c_{t,l}
+    code_growth: int = 4  # dimensions added when the registered tasks would fill the code
+    code_headroom: int = 4  # free code dimensions kept beyond the registered tasks (independent codes)
     max_code_dim: int = 1024  # hard limit: registering beyond it raises CapacityError
     rank: int = 16  # r: rank of low-rank deltas for large kernels
     organ_embedding_dim: int = 8  # k: organ embedding for head rows

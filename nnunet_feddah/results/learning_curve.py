@@ -54,6 +54,7 @@ class CurveSettings:
     device: str = "cpu"
     donor: str | None = None  # start every organ from this task's trained network (same seed)
     donor_iterations: int = 900  # how long the donor itself is trained from scratch
+    keep_chunks: bool = False  # keep every chunk's weights (real trained snapshots for scripts/bench_server.py)
 
     def target(self, organ: str) -> float:
         return DICE_TARGETS.get(organ, SMALL_ORGAN_TARGET)
@@ -76,7 +77,8 @@ def prepare_seed_site(settings: CurveSettings, seed: int, log: Callable[[str], N
     return dataset_id
 
 
-def _test_plan(dataset_id: int, plans_identifier: str, organ: str):
+def single_site_plan(dataset_id: int, plans_identifier: str, organ: str):
+    """A one-site federation plan around the dataset, so that the federation's test-set reader can load it."""
     from nnunet_feddah.federation.plan_reader import parse_plan
 
     return parse_plan({"name": "learning-curve", "plans_identifier": plans_identifier, "rounds_per_step": 1,
@@ -117,7 +119,7 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
     if done.is_file():
         return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    test_set = load_test_set(_test_plan(dataset_id, plans_identifier, organ), "site", log=lambda *_: None)
+    test_set = load_test_set(single_site_plan(dataset_id, plans_identifier, organ), "site", log=lambda *_: None)
     task = Task.parse(organ)
     chunks = math.ceil(settings.iterations / settings.chunk)
     rows: list[dict[str, Any]] = []
@@ -131,7 +133,7 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
         metrics = train_round(dataset_id, plans_identifier, config, device=settings.device)
         train_s += metrics["wall_time_s"]["train"]
         weights, _ = load_weights(config.output_weights)
-        if previous and k > 0:
+        if previous and k > 0 and not settings.keep_chunks:
             Path(previous).unlink(missing_ok=True)  # only the latest chunk's weights are needed
         previous = config.output_weights
         model = TaskModel.from_weights(test_set.shared, weights, task.labels, organ, torch.device(settings.device))
