@@ -1,228 +1,207 @@
-"""Benchmark of the coordinator's side: DAHyper generation, AMR updates, size, fidelity and forgetting.
+"""Benchmark of the coordinator's side as tasks accumulate: memory, fidelity on the update, old-task drift,
+the share of each task the hypernetwork itself carries, and update time, for T = 1, 5, 15, 32, 64 tasks on
+the CPU and the AMOS plan; then what compressing an idle task costs in held-out Dice, per DAHyper rank.
 
-Prints numbers, asserts nothing. Part 1 uses the real network shapes of the CPU and AMOS plans with
-"trained-like" targets (a task's generated weights + a rank-4 change of ~5 % of each kernel's norm +
-~0.5 % dense noise). Part 2 (CPU plan only) trains a phantom site for two rounds with FedDAHTrainer
-and measures what the fidelity of the generated weights means in validation Dice, per DAHyper rank,
-and whether the Jensen–Shannon similarity tells a trained upload from an untrained network.
+Prints numbers, asserts nothing. Targets (never low-rank synthetic ones):
 
-    .venv/bin/python scripts/bench_server.py [--quick] [--no-train] [--out work/bench/bench_server.json]
+* **CPU plan — real trained changes.** For every ``--seeds`` value one phantom site (cohort seed = training
+  seed) trains kidneys from DAHyper's base for ``chunks`` × 50 iterations, then liver, spleen and pancreas
+  from the trained kidneys network (FedDAH's allocation rule) for ``chunks`` × 25 iterations each — the
+  bundled plans, nnU-Net's loop and the per-task schedule of :mod:`nnunet_feddah.results.learning_curve`,
+  every chunk's weights kept (cached under ``<out dir>/bench_server/pool``). A snapshot's *change* is its
+  weights minus its run's start: 4 × ``chunks`` real changes per seed, 64 with the defaults. Task t of the
+  stream has the organs of change ``t mod 64`` and uploads what AMR allocated it plus that change.
+* **AMOS plan — full-rank synthetic changes.** No AMOS-sized network trains on this machine: every tensor of
+  the allocated weights gets a dense random change of 5 % of its norm (nothing a rank-r store holds exactly).
+
+Stream (both plans): one new task per round, one upload each (a new site's first fit of the task, so the
+upload is the task's target ``W*``); the previous task gets no upload that round, goes idle and is compressed
+(its exact residual dropped), which is the moment its *reference* is taken. At each checkpoint T:
+
+* ``MB`` / ``÷ T models``: everything DAHyper holds (:meth:`DAHyper.nbytes`: base, generators, projections,
+  encoder, embeddings, the active task's residual) against T separate fp32 models of the tasks' own shapes;
+* ``update_lost``: max over all uploads of ``‖generated − W*‖ / ‖W* − sent‖`` (the previous issue's rule, 1 %);
+* ``carried``: mean share of a task's delta ``W* − base`` the generators hold without the residual, at its fit
+  (``AMRReport.delta_carried``), and ``idle loss``: mean share of its delta dropped when it went idle;
+* ``drift``: max over the idle tasks of ``‖generated now − reference‖ / ‖W* − base‖`` (target ≤ 1e-3), and
+  the same relative to the task's own round change ``‖W* − sent‖`` (stricter);
+* ``update s``: median seconds of the updates since the previous checkpoint.
+
+    .venv/bin/python scripts/bench_server.py [--quick] [--plans cpu amos] [--no-ranks] [--out work/bench/bench_server.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nnunet_feddah.method.amr import AMR, AMRConfig, relative_l2
+from nnunet_feddah.method.aggregate import Contribution, change_lost, norm
+from nnunet_feddah.method.amr import AMR, AMRConfig
 from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
-from nnunet_feddah.method.similarity import js_divergence
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir, nnunet_env
 
 Weights = dict[str, torch.Tensor]
-ORGANS = [6, 2, 3, 1, 10, 4, 7, 8, 9, 11, 12, 13, 14, 15, 5]  # organ of task i (AMOS ids)
-PLANS = {"CPU plan": "template_cpu.json", "AMOS plan": "template_amos.json"}
+CHECKPOINTS = (1, 5, 15, 32, 64)
+#: plan name -> (bundled template, DAHyper parameters the federation plans of that template use)
+PLANS: dict[str, tuple[str, dict]] = {"cpu": ("template_cpu.json", {"rank": 8}), "amos": ("template_amos.json", {})}
+DONOR = "kidneys"
+FROM_DONOR = ("liver", "spleen", "pancreas")
+DONOR_CHUNK, ORGAN_CHUNK = 50, 25
 
 
-def trained_like(weights: Mapping[str, torch.Tensor], seed: int, rel: float = 0.05, noise: float = 0.005) -> Weights:
-    """``weights`` + a rank-4 change (dense for vectors) of relative size ``rel`` + dense noise ``noise``."""
-    g = torch.Generator().manual_seed(seed)
+@dataclass(frozen=True)
+class Change:
+    """One real trained change: ``weights − start`` of a snapshot, the organs it segments, where it came from."""
+
+    name: str
+    organs: list[int]
+    delta: Weights
+    dice: float
+
+
+# ---------------------------------------------------------------------------------------------- real changes
+def real_changes(pool: Path, seeds: Sequence[int], chunks: int, log: Callable[[str], None]) -> list[Change]:
+    """Train (or reuse) the snapshot runs and return their changes, interleaved across runs."""
+    os.environ.update(nnunet_env(pool))  # before any nnU-Net import: it reads the folders at import time
+    from nnunet_feddah.nnunet.weights import load_weights
+    from nnunet_feddah.organs import Task
+    from nnunet_feddah.results.learning_curve import snapshot_runs
+
+    per_run = []
+    for run in snapshot_runs(pool, seeds, chunks, DONOR, FROM_DONOR, DONOR_CHUNK, ORGAN_CHUNK, log=log):
+        begin, _ = load_weights(run.folder / "start.safetensors")
+        changes = []
+        for k, row in enumerate(run.rows):
+            weights, _ = load_weights(run.snapshot(k))
+            changes.append(Change(f"{run.organ}/seed{run.seed}/{row['iterations']}it", list(Task.parse(run.organ).labels),
+                                  {n: w - begin[n] for n, w in weights.items() if w.is_floating_point()}, row["dice"]))
+        per_run.append(changes)
+    return [run[k] for k in range(max(map(len, per_run))) for run in per_run if k < len(run)]
+
+
+def full_rank_change(weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> Weights:
+    """A dense change of 5 % of every tensor's norm (zero-initialised tensors: of 1e-2)."""
     out = {}
     for name, w in weights.items():
-        norm = max(float(w.norm()), 1e-2 * w.numel() ** 0.5)  # zero-initialised biases still move
-        if w.ndim >= 2 and w.shape[0] > 1:
-            change = torch.randn(w.shape[0], 4, generator=g) @ torch.randn(4, w[0].numel(), generator=g)
-        else:
-            change = torch.randn(w.shape, generator=g)
-        dense = torch.randn(w.shape, generator=g)
-        out[name] = w + rel * norm * change.reshape(w.shape) / change.norm() + noise * norm * dense / dense.norm()
+        if w.is_floating_point():
+            noise = torch.randn(w.shape, generator=generator)
+            out[name] = 0.05 * max(float(w.norm()), 1e-2) * noise / noise.norm()
     return out
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# ---------------------------------------------------------------------------------------------- the stream
+def run_stream(base: Weights, hyper_params: dict, tasks: int, checkpoints: Sequence[int],
+               change_of: Callable[[int, Weights], tuple[list[int], Weights]], drift_every: int,
+               log: Callable[[str], None]) -> list[dict]:
+    """``tasks`` tasks, one per round; the measurements of the module docstring at every checkpoint.
+
+    ``change_of(t, allocated)`` gives task t's organs (for t's allocation) and its change; it is called with
+    ``allocated = {}`` first to learn the organs. Drift references are kept for every ``drift_every``-th task
+    (plus the first two fitted after the base), so the AMOS run holds ≤ 17 full models beside DAHyper."""
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig(**hyper_params)), AMRConfig())
+    reference: dict[str, Weights] = {}
+    scale: dict[str, tuple[float, float]] = {}  # task -> (‖W* − base‖, ‖W* − sent‖)
+    reports, model_bytes, rows, idle_losses, last = [], 0, [], [], 0
+    previous = None
+    for t in range(tasks):
+        key = f"task{t:02d}"
+        organs, _ = change_of(t, {})
+        amr.allocate(key, organs, round_index=t)
+        sent = amr.hyper.generate(key)
+        _, change = change_of(t, sent)
+        upload = {k: (v + change[k] if k in change else v) for k, v in sent.items()}
+        report, = amr.update_round({key: [Contribution(f"site{t % 4}", upload, 8)]}, round_index=t)[key]
+        reports.append(report)
+        idle_losses += [e["lost_of_delta"] for e in amr.compressed]
+        model_bytes += sum(v.numel() * v.element_size() for v in upload.values())
+        own = norm({k: v.double() - amr.hyper.base_view(key)[k].double() for k, v in upload.items()
+                    if v.is_floating_point()})
+        scale[key] = (own, norm(change))
+        index = int(previous[4:]) if previous else 0  # task00 became the base: it has no delta to measure against
+        if 0 < index and (index <= 2 or index % drift_every == 0):
+            reference[previous] = amr.hyper.generate(previous)  # it went idle (compressed) this round
+        previous = key
+        if t + 1 in checkpoints:
+            rows.append(_measure(amr, t + 1, reports[last:], reports, reference, scale, model_bytes, idle_losses))
+            last = t + 1
+            log(f"[bench]   T={t + 1}: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in rows[-1].items()})}")
+    return rows
 
 
-def seeded_amr(base: Weights, config: AMRConfig, fit_rounds: int = 1) -> AMR:
-    """task0 registered, its first upload made the base (exact), then ``fit_rounds`` fitted uploads."""
-    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), config)
-    amr.allocate("task0", [ORGANS[0]])
-    for r in range(1 + fit_rounds):
-        amr.update("task0", trained_like(amr.hyper.generate("task0"), seed=r), round_index=r, source="site0")
-    return amr
+def _measure(amr: AMR, tasks: int, recent: Sequence, reports: Sequence, reference: Mapping[str, Weights],
+             scale: Mapping[str, tuple[float, float]], model_bytes: int, idle_losses: Sequence[float]) -> dict:
+    hyper = amr.hyper
+    moved = {}
+    for t, old in reference.items():
+        now = hyper.generate(t)
+        moved[t] = norm({k: now[k].double() - v.double() for k, v in old.items() if v.is_floating_point()})
+    carried = [r.delta_carried for r in reports if r.delta_carried is not None]
+    explained = [r.shared_explained for r in reports if r.shared_explained is not None]
+    return {
+        "tasks": tasks, "code_size": hyper.code_size, "MB": hyper.nbytes() / 1e6,
+        "vs_models": hyper.nbytes() / model_bytes,
+        "update_lost_max": max(r.update_lost for r in reports),
+        "carried_mean": statistics.fmean(carried) if carried else None,
+        "carried_min": min(carried) if carried else None,
+        "shared_explained_mean": statistics.fmean(explained) if explained else None,
+        "idle_loss_mean": statistics.fmean(idle_losses) if idle_losses else None,
+        "drift_max": max((moved[t] / scale[t][0] for t in moved), default=None),
+        "drift_vs_round_change_max": max((moved[t] / scale[t][1] for t in moved), default=None),
+        "drift_tasks": len(moved),
+        "update_s_median": statistics.median(r.seconds for r in recent),
+    }
 
 
-def forgetting(amr: AMR, config: AMRConfig, n_new: int) -> dict:
-    """Register and fit ``n_new`` tasks on a copy of ``amr``; drift of the tasks registered before them."""
-    amr = AMR(copy.deepcopy(amr.hyper), config)
-    old = list(amr.hyper.tasks)
-    reference = {t: amr.hyper.generate(t) for t in old}
-    fidelity, seconds = [], []
-    for i in range(1, n_new + 1):
-        key = f"new{i}"
-        amr.hyper.register(key, [ORGANS[i]])
-        report = amr.update(key, trained_like(amr.hyper.generate(key), 100 + i), round_index=10 + i, source=f"s{i}")
-        fidelity.append(report.fidelity_rel_l2)
-        seconds.append(report.seconds)
-    drift = max(relative_l2(amr.hyper.generate(t), reference[t]) for t in old)
-    return {"drift_old_max": drift, "fidelity_new_max": max(fidelity), "update_s_median": statistics.median(seconds)}
-
-
-def bench_plan(plans: dict, n_new: int, adam_steps: int | None) -> dict:
-    res: dict = {}
-    sections = res["section_s"] = {}
-    t = time.perf_counter()
-    base = hypernet_base(plans)
-    model_bytes = sum(v.numel() * 4 for v in base.values())
-    res["model_params_M"] = sum(v.numel() for v in base.values()) / 1e6
-    start = time.perf_counter()
-    hyper = DAHyper(base, is_head, DAHyperConfig())
-    res["construct_s"] = time.perf_counter() - start
-    for n in (1, 5, 15):  # (4) size: shared generators + base + one embedding per task
-        while len(hyper.tasks) < n:
-            hyper.register(f"size{len(hyper.tasks)}", [ORGANS[len(hyper.tasks)]])
-        res[f"hyper_MB_T{n}"] = hyper.nbytes() / 1e6
-        res[f"hyper_vs_models_T{n}"] = hyper.nbytes() / (n * model_bytes)
-    del hyper
-    sections["size"], t = time.perf_counter() - t, time.perf_counter()
-    amr = seeded_amr(base, AMRConfig(beta=1.0), fit_rounds=0)
-    res["generate_s"] = median_seconds(lambda: amr.hyper.generate("task0"), 5)  # (2)
-    for i in range(1, 5):  # (3) ≥ 4 other registered tasks: they enter L_R and the drift report
-        amr.hyper.register(f"other{i}", [ORGANS[i]])
-    reports = [amr.update("task0", trained_like(amr.hyper.generate("task0"), r), round_index=r, source="site0")
-               for r in (1, 2, 3)]  # a site continuing its task: the upload is the target
-    res["update_s"], report = statistics.median(r.seconds for r in reports), reports[-1]
-    res["fidelity_same_site"] = report.fidelity_rel_l2  # (5) target = upload for a continuing site
-    res["max_drift_other_tasks"] = max(report.drift.values())
-    report = amr.update("task0", trained_like(amr.hyper.generate("task0"), 50), round_index=50, source="site1")
-    res |= {"js_new_site": report.js_divergence, "w_s_new_site": report.similarity,
-            "fidelity_vs_target_new_site": report.fidelity_rel_l2, "fidelity_vs_upload_new_site": report.upload_rel_l2}
-    sections["generate_and_update"], t = time.perf_counter() - t, time.perf_counter()
-
-    seed_amr = seeded_amr(base, AMRConfig(beta=1.0))  # (6) forgetting: task0 fitted, then n_new new tasks
-    for beta in (1.0, 0.0):
-        res[f"forgetting_beta{beta:g}"] = forgetting(seed_amr, AMRConfig(beta=beta), n_new)
-    sections["forgetting"], t = time.perf_counter() - t, time.perf_counter()
-    if adam_steps:  # (7) the paper's optimiser as an ablation of the closed form
-        adam = AMRConfig(solver="adam", adam_steps=adam_steps)
-        seed_adam = seeded_amr(base, adam)
-        for beta in (1.0, 0.0):
-            res[f"adam_forgetting_beta{beta:g}"] = forgetting(seed_adam, dataclasses.replace(adam, beta=beta), n_new)
-        sections["adam_forgetting"] = time.perf_counter() - t
-    return res
-
-
-# ---------------------------------------------------------------------------------------------- real data
-def train_two_rounds(root: Path, epochs: int, iterations: int) -> dict:
-    """Phantom site 990, CPU plans, task liver: round 1 from DAHyper's weights, round 2 from its checkpoint."""
-    os.environ.update(nnunet_env(root))  # before any nnU-Net import: it reads the folders at import time
-    from nnunet_feddah.data import phantom
-    from nnunet_feddah.method.hypernet_file import save_hypernet
-    from nnunet_feddah.nnunet import shared_plans
-    from nnunet_feddah.nnunet.round_config import RoundConfig
-    from nnunet_feddah.nnunet.trainer import train_round
-    from nnunet_feddah.nnunet.weights import load_weights, save_weights
-
-    t0 = time.perf_counter()
-    phantom.write_cohort(root / "nnUNet_raw", num_sites=1, num_train=8, num_test=1, seed=3, first_dataset_id=990)
-    (site, fingerprint), = shared_plans.install([990], template="cpu", num_processes=2, log=lambda *_: None).items()
-    plans_name = shared_plans.load_template("cpu")["plans_name"]
-    plans = json.loads((root / "nnUNet_preprocessed" / site / f"{plans_name}.json").read_text())
-    setup_s = time.perf_counter() - t0
-    amr = AMR(DAHyper(hypernet_base(plans), is_head, DAHyperConfig()))
-    amr.allocate("liver", [ORGANS[0]])
-    rounds = root / "rounds"
-    save_weights(rounds / "start.safetensors", amr.hyper.generate("liver"),
-                 {"architecture_fingerprint": fingerprint, "task": "liver", "organs": "6"})
-    common = {"task": "liver", "epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": 1,
-              "total_epochs": 2 * epochs, "validate": False, "seed": 0}
-    uploads, metrics = [], []
-    for r in (1, 2):
-        start = ({"initial_weights": str(rounds / "start.safetensors")} if r == 1
-                 else {"hypernet_checkpoint": str(save_hypernet(rounds / "hyper.safetensors", amr.hyper, fingerprint))})
-        config = RoundConfig(output_weights=str(rounds / f"up{r}.safetensors"), epoch_offset=(r - 1) * epochs,
-                             output_metrics=str(rounds / f"m{r}.json"), **start, **common).save(rounds / f"r{r}.json")
-        metrics.append(train_round(site, plans_name, config))
-        uploads.append(load_weights(rounds / f"up{r}.safetensors")[0])
-        if r == 1:  # the first upload of the federation becomes DAHyper's base: round 2 starts from it exactly
-            amr.update("liver", uploads[-1], round_index=r, source="site990")
-    return {"site": site, "plans": plans, "plans_name": plans_name, "uploads": uploads, "setup_s": setup_s,
-            "train_s": [m["wall_time_s"]["train"] for m in metrics],
-            "s_per_iter": [m["seconds_per_iteration"] for m in metrics]}
-
-
-def validation_dice(root: Path, site: str, plans: dict, weights: Mapping[str, torch.Tensor]) -> float:
-    """Mean validation Dice (fold 0) of ``weights``, evaluated like FedDAHTrainer.perform_actual_validation."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_feddah.nnunet.network import build_network, load_unique_tensors
-    from nnunet_feddah.nnunet.task_data import task_dataset_json
-    from nnunet_feddah.nnunet.validation import organ_dice
+# ---------------------------------------------------------------------------------------------- rank vs Dice
+def rank_costs(pool: Path, seeds: Sequence[int], chunks: int, ranks: Sequence[int],
+               log: Callable[[str], None]) -> list[dict]:
+    """Per seed and organ trained from the donor: fit the donor, then the organ's final snapshot, let the organ
+    go idle (compressed), and compare held-out Dice of the compressed weights with the upload's, per rank."""
+    from nnunet_feddah.nnunet.shared_plans import load_template
+    from nnunet_feddah.nnunet.weights import load_weights
     from nnunet_feddah.organs import Task
+    from nnunet_feddah.results.learning_curve import held_out_scorer
 
-    folder = root / "nnUNet_preprocessed" / site
-    manager = PlansManager(plans)
-    configuration = manager.get_configuration("3d_fullres")
-    val_keys = json.loads((folder / "splits_final.json").read_text())[0]["val"]
-    data = folder / configuration.data_identifier
-    dataset = infer_dataset_class(str(data))(str(data), val_keys)
-    task = Task.parse("liver")
-    network = build_network(plans, task.num_outputs, deep_supervision=False)
-    load_unique_tensors(network, weights, "benchmark weights")
-    network.eval()
-    dataset_json = task_dataset_json(json.loads((folder / "dataset.json").read_text()), task)
-    return organ_dice(network, manager, configuration, dataset_json, dataset, val_keys, task,
-                      torch.device("cpu"))["mean_dice"]
+    plans_identifier = load_template("cpu")["plans_name"]
+    out = []
+    for seed in seeds:
+        dataset_id = 960 + seed
+        plans = json.loads(next((pool / "nnUNet_preprocessed").glob(
+            f"Dataset{dataset_id:03d}_*/{plans_identifier}.json")).read_text())
+        donor, _ = load_weights(pool / "runs" / f"{DONOR}_seed{seed}" / f"chunk_{chunks - 1:02d}.safetensors")
+        for organ in FROM_DONOR:
+            final, _ = load_weights(pool / "runs" / f"{organ}_seed{seed}" / f"chunk_{chunks - 1:02d}.safetensors")
+            labels = list(Task.parse(organ).labels)
+            score = held_out_scorer(dataset_id, plans_identifier, organ)
 
+            def dice(weights: Mapping[str, torch.Tensor], score=score) -> float:
+                return score(weights)["dice"]
 
-def bench_real_data(root: Path, epochs: int, iterations: int, ranks: list[int]) -> dict:
-    with open(root.parent / "bench_server_nnunet.log", "w") as log, contextlib.redirect_stdout(log):
-        return _bench_real_data(root, epochs, iterations, ranks)  # nnU-Net's chatter goes to the log
-
-
-def _bench_real_data(root: Path, epochs: int, iterations: int, ranks: list[int]) -> dict:
-    run = train_two_rounds(root, epochs, iterations)
-    up1, up2 = run["uploads"]
-
-    def dice(w: Mapping[str, torch.Tensor]) -> float:
-        return validation_dice(root, run["site"], run["plans"], w)
-
-    res: dict = {k: run[k] for k in ("setup_s", "train_s", "s_per_iter")}
-    res["dice_round1_upload"], res["dice_upload"] = dice(up1), dice(up2)
-    for rank in ranks:  # same uploads, fresh DAHyper each, both updates replayed
-        amr = AMR(DAHyper(hypernet_base(run["plans"]), is_head, DAHyperConfig(rank=rank)))
-        amr.allocate("liver", [ORGANS[0]])
-        amr.update("liver", up1, round_index=1, source="site990")
-        report = amr.update("liver", up2, round_index=2, source="site990")
-        d, up = dice(amr.hyper.generate("liver")), res["dice_upload"]
-        res[f"rank{rank}"] = {"dice_generated": d, "dice_loss_pct": 100 * (up - d) / up if up > 0 else float("nan"),
-                              "rel_l2": report.fidelity_rel_l2, "update_s": report.seconds, "hyper_MB": amr.hyper.nbytes() / 1e6,
-                              "lowrank_units": sum(u.kind == "lowrank" for u in amr.hyper.units)}
-    untrained = {k: (v[[0, ORGANS[0]]] if is_head(k) else v) for k, v in hypernet_base(run["plans"], seed=1).items()}
-    w_max = AMRConfig().max_history_weight
-    for name, (a, b) in {"round1_vs_round2": (up1, up2), "round2_vs_untrained": (up2, untrained)}.items():
-        js = js_divergence(a, b)
-        res[f"js_{name}"] = {"js": js, "w_s": w_max * (1 - js), "rel_l2": relative_l2(b, a)}
-    return res
+            row = {"seed": seed, "organ": organ, "dice_upload": dice(final)}
+            for rank in ranks:
+                amr = AMR(DAHyper(hypernet_base(plans), is_head, DAHyperConfig(rank=rank)), AMRConfig())
+                amr.allocate(DONOR, list(Task.parse(DONOR).labels), round_index=0)
+                amr.update(DONOR, donor, round_index=0, source="site")
+                amr.allocate(organ, labels, round_index=1)
+                amr.update(organ, final, round_index=1, source="site")
+                amr.update(DONOR, donor, round_index=2, source="site")  # the organ gets no upload: compressed
+                compressed = amr.hyper.generate(organ)
+                row[f"rank{rank}"] = {"dice": dice(compressed), "idle_loss": amr.compressed[0]["lost_of_delta"],
+                                      "lost_of_upload_change": change_lost(amr.hyper.base_view(organ), final, compressed)}
+            log(f"[bench]   ranks {organ} seed {seed}: {json.dumps(row)}")
+            out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -230,94 +209,103 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
 
 
-def tables(plans: dict[str, dict], real: dict | None, n_new: int) -> str:
-    rows: list[tuple[str, Callable[[dict], float | None]]] = [
-        ("model parameters (M, 16 outputs)", lambda r: r["model_params_M"]),
-        ("DAHyper construction (s)", lambda r: r["construct_s"]),
-        ("generate one task (s, median of 5)", lambda r: r["generate_s"]),
-        ("AMR update, 4 other tasks (s, median of 3)", lambda r: r["update_s"]),
-        ("hypernet MB, 1 task", lambda r: r["hyper_MB_T1"]),
-        ("hypernet bytes added per task (embedding)", lambda r: (r["hyper_MB_T15"] - r["hyper_MB_T1"]) * 1e6 / 14),
-        *[(f"hypernet / (T × model bytes), T={n}", lambda r, n=n: r[f"hyper_vs_models_T{n}"]) for n in (1, 5, 15)],
-        ("fidelity rel-L2 vs target, same site", lambda r: r["fidelity_same_site"]),
-        ("max drift of the 4 other tasks in that update", lambda r: r["max_drift_other_tasks"]),
-        ("new-site upload: JS / W_s", None),
-        ("new-site upload: fidelity vs target W*", lambda r: r["fidelity_vs_target_new_site"]),
-        ("new-site upload: generated vs upload", lambda r: r["fidelity_vs_upload_new_site"]),
-    ]
-    for prefix, label in (("", "closed form"), ("adam_", "Adam")):
-        for beta in ("1", "0"):
-            key = f"{prefix}forgetting_beta{beta}"
-            rows += [(f"{label} β={beta}: drift of task0 after {n_new} new tasks",
-                      lambda r, k=key: r[k]["drift_old_max"] if k in r else None),
-                     (f"{label} β={beta}: max fidelity rel-L2 of new tasks",
-                      lambda r, k=key: r[k]["fidelity_new_max"] if k in r else None),
-                     (f"{label} β={beta}: update time (s, median)",
-                      lambda r, k=key: r[k]["update_s_median"] if k in r else None)]
-    names = list(plans)
-    lines = [f"| measurement | {' | '.join(names)} |", f"|---|{'---|' * len(names)}"] if names else []
-    for label, get in rows if names else []:
-        if get is None:
-            cells = [f"{fmt(plans[n]['js_new_site'])} / {fmt(plans[n]['w_s_new_site'])}" for n in names]
-        else:
-            cells = [fmt(get(plans[n])) for n in names]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
-    if real:
-        lines += ["", f"Real data (CPU plan, phantom site, task liver, 2 rounds × {real['epochs']} × "
-                  f"{real['iterations_per_epoch']} iterations, {' / '.join(f'{s:.2f}' for s in real['s_per_iter'])} s/iteration)",
-                  "", "| DAHyper rank | Dice(upload) | Dice(generated) | relative Dice loss % | rel-L2 | low-rank kernels | "
-                  "hypernet MB |", "|---|---|---|---|---|---|---|"]
-        for key in (k for k in real if k.startswith("rank")):
-            r = real[key]
-            lines.append(f"| {key[4:]} | {fmt(real['dice_upload'])} | {fmt(r['dice_generated'])} | "
-                         f"{fmt(r['dice_loss_pct'], 2)} | {fmt(r['rel_l2'])} | {r['lowrank_units']} | {fmt(r['hyper_MB'])} |")
-        lines += ["", "| pair | JS divergence | W_s | rel-L2 |", "|---|---|---|---|"]
-        for key in ("js_round1_vs_round2", "js_round2_vs_untrained"):
-            r = real[key]
-            lines.append(f"| {key[3:].replace('_', ' ')} | {fmt(r['js'])} | {fmt(r['w_s'])} | {fmt(r['rel_l2'])} |")
-        lines.append(f"\nDice of the round-1 upload: {fmt(real['dice_round1_upload'])}")
+def stream_table(name: str, rows: Sequence[dict], note: str) -> str:
+    lines = [f"**{name}** — {note}", "",
+             "| T | code h | MB | ÷ T models | update_lost max | carried (mean / min) | shared_explained | idle loss | "
+             "drift max (÷ delta) | drift max (÷ round change) | update s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tasks']} | {r['code_size']} | {fmt(r['MB'])} | {fmt(r['vs_models'])} | "
+                     f"{fmt(r['update_lost_max'], 2)} | {fmt(r['carried_mean'])} / {fmt(r['carried_min'])} | "
+                     f"{fmt(r['shared_explained_mean'])} | {fmt(r['idle_loss_mean'])} | {fmt(r['drift_max'], 2)} | "
+                     f"{fmt(r['drift_vs_round_change_max'], 2)} | {fmt(r['update_s_median'])} |")
+    return "\n".join(lines)
+
+
+def rank_table(rows: Sequence[dict], ranks: Sequence[int]) -> str:
+    lines = ["| seed | organ | Dice(upload) | " + " | ".join(f"rank {r}: Dice / idle loss" for r in ranks) + " |",
+             "|---|---|---|" + "---|" * len(ranks)]
+    for row in rows:
+        cells = [f"{fmt(row[f'rank{r}']['dice'])} / {fmt(row[f'rank{r}']['idle_loss'], 2)}" for r in ranks]
+        lines.append(f"| {row['seed']} | {row['organ']} | {fmt(row['dice_upload'])} | {' | '.join(cells)} |")
+    for r in ranks:
+        losses = [row["dice_upload"] - row[f"rank{r}"]["dice"] for row in rows]
+        lines.append(f"\nrank {r}: Dice(upload) − Dice(compressed) mean {statistics.fmean(losses):+.4f}, "
+                     f"max {max(losses):+.4f} over {len(losses)} tasks")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer new tasks, Adam steps and training iterations")
-    parser.add_argument("--no-train", action="store_true", help="skip the real-data part (nnU-Net training)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 4 chunks per run, T up to 15")
+    parser.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["cpu", "amos"])
+    parser.add_argument("--seeds", type=int, nargs="+", help="phantom/training seeds of the real changes (default 0 1)")
+    parser.add_argument("--chunks", type=int, help="snapshots per run (default 8, --quick 4)")
+    parser.add_argument("--tasks", type=int, help="stream length (default 64, --quick 15)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], help="ranks of the Dice-vs-rank part")
+    parser.add_argument("--no-ranks", action="store_true", help="skip the Dice-vs-rank part")
     parser.add_argument("--out", type=Path, default=Path("work/bench/bench_server.json"))
-    parser.add_argument("--epochs", type=int, help="epochs per round (default 10, --quick 3)")
-    parser.add_argument("--iterations", type=int, help="iterations per epoch (default 20, --quick 10)")
-    parser.add_argument("--no-shapes", action="store_true", help="skip the plan-shape part (real data only)")
-    parser.add_argument("--keep", action="store_true", help="keep the throwaway nnU-Net folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    chunks = args.chunks or (4 if args.quick else 8)
+    tasks = args.tasks or (15 if args.quick else 64)
+    checkpoints = [c for c in CHECKPOINTS if c < tasks] + [tasks]
+    pool = (args.out.parent / "bench_server" / f"pool_{chunks}chunks").resolve()  # a run per chunk count
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    n_new = 2 if args.quick else 5
-    results: dict = {"quick": args.quick, "plans": {}, "seconds": {}, "load_average_start": os.getloadavg()}
-    for name, file in {} if args.no_shapes else PLANS.items():
+    results: dict = {"quick": args.quick, "seeds": seeds, "chunks": chunks, "tasks": tasks, "streams": {},
+                     "seconds": {}, "load_average_start": os.getloadavg()}
+    begin = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    changes: list[Change] = []
+    if "cpu" in args.plans or not args.no_ranks:
         t = time.perf_counter()
-        plans = json.loads((bundled_plans_dir() / file).read_text())
-        adam = (10 if args.quick else 50) if name == "CPU plan" else None
-        results["plans"][name] = bench_plan(plans, n_new, adam)
+        with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
+            changes = real_changes(pool, seeds, chunks, log)
+        results["seconds"]["real_changes"] = time.perf_counter() - t
+        results["changes"] = [{"name": c.name, "dice": c.dice} for c in changes]
+        log(f"[bench] {len(changes)} real changes in {results['seconds']['real_changes']:.0f} s")
+    notes = {}
+    for name in args.plans:
+        t = time.perf_counter()
+        file, hyper_params = PLANS[name]
+        base = hypernet_base(json.loads((bundled_plans_dir() / file).read_text()))
+        if name == "cpu":
+            def change_of(i: int, allocated: Weights) -> tuple[list[int], Weights]:
+                c = changes[i % len(changes)]
+                return c.organs, c.delta
+            notes[name] = (f"real trained changes ({len(changes)} distinct, from {len(seeds)} seed(s)), "
+                           f"DAHyper {hyper_params or 'defaults'}")
+        else:
+            generator = torch.Generator().manual_seed(0)
+
+            def change_of(i: int, allocated: Weights, generator=generator) -> tuple[list[int], Weights]:
+                return [1 + i % 15], (full_rank_change(allocated, generator) if allocated else {})
+            notes[name] = f"full-rank synthetic changes (5 % of each tensor's norm), DAHyper {hyper_params or 'defaults'}"
+        log(f"[bench] {name} plan stream, {tasks} tasks")
+        results["streams"][name] = run_stream(base, hyper_params, tasks, checkpoints, change_of,
+                                              drift_every=1 if name == "cpu" else 4, log=log)
         results["seconds"][name] = time.perf_counter() - t
-        print(f"[bench] {name}: {results['seconds'][name]:.0f} s {results['plans'][name]['section_s']}", file=sys.stderr)
-    real = None
-    if not args.no_train:
+    if not args.no_ranks:
         t = time.perf_counter()
-        root = args.out.parent / "bench_server_nnunet"
-        shutil.rmtree(root, ignore_errors=True)
-        epochs = args.epochs or (3 if args.quick else 10)
-        iterations = args.iterations or (10 if args.quick else 20)
-        real = results["real_data"] = bench_real_data(root.resolve(), epochs, iterations, [4, 16, 64])
-        real |= {"epochs": epochs, "iterations_per_epoch": iterations}
-        results["seconds"]["real_data"] = time.perf_counter() - t
-        print(f"[bench] real data: {results['seconds']['real_data']:.0f} s", file=sys.stderr)
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    results["seconds"]["total"] = time.perf_counter() - start
+        with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
+            results["ranks"] = rank_costs(pool, seeds, chunks, args.ranks, log)
+        results["seconds"]["ranks"] = time.perf_counter() - t
+    results["seconds"]["total"] = time.perf_counter() - begin
     results["load_average_end"] = os.getloadavg()
-    print(tables(results["plans"], real, n_new))
-    print(f"\ntotal {results['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())}); "
+    for name, rows in results["streams"].items():
+        print(stream_table(f"{name} plan", rows, notes[name]) + "\n")
+    if "ranks" in results:
+        print("Compressing an idle task (CPU plan, real final snapshots, held-out Dice on 4 cases):\n")
+        print(rank_table(results["ranks"], args.ranks) + "\n")
+    if changes:
+        dice = [c.dice for c in changes]
+        print(f"real changes: {len(changes)}, held-out Dice of their snapshots {min(dice):.3f}–{max(dice):.3f} "
+              f"(median {statistics.median(dice):.3f})")
+    print(f"total {results['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())}); "
           f"1-min load average {results['load_average_start'][0]:.1f} at start, {results['load_average_end'][0]:.1f} at end "
           f"(timings assume an otherwise idle machine)")
     args.out.write_text(json.dumps(results, indent=1))

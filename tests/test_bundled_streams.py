@@ -9,7 +9,7 @@ from nnunet_feddah.federation.plan_reader import load_plan, parse_plan
 from nnunet_feddah.nnunet.round_config import RoundConfig, RoundConfigError
 from nnunet_feddah.organs import Task
 from nnunet_feddah.paths import bundled_plans_dir
-from nnunet_feddah.results.benchmark import reference_donors, task_iterations
+from nnunet_feddah.results.benchmark import plan_for, reference_donors, task_iterations
 
 
 def _stream_facts(plan):
@@ -96,3 +96,14 @@ def test_unknown_local_choice_names_the_field_and_the_choices(field: str, value:
 def test_round_config_refuses_an_unknown_optimizer() -> None:
     with pytest.raises(RoundConfigError, match="field 'optimizer'"):
         RoundConfig.from_mapping({"task": "liver", "output_weights": "w", "output_metrics": "m", "optimizer": "lbfgs"})
+
+
+def test_benchmark_strategies_keep_feddahs_parameters_and_baselines_get_their_defaults() -> None:
+    """The bundled CPU-plan stream sets DAHyper's rank (memory); every FedDAH variant must run with it."""
+
+    plan = load_plan(bundled_plans_dir() / "phantom_bench.json")
+    assert dict(plan.strategy.params) == {"rank": 8}
+    for name in ("feddah", "feddah-noencoder", "feddah-composed"):
+        assert dict(plan_for(plan, name).strategy.params) == {"rank": 8}
+    for name in ("fedavg", "local", "fedavg-per-task"):
+        assert dict(plan_for(plan, name).strategy.params) == {}

@@ -29,7 +29,7 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.method.donor import FittedTask, donor_start
-from nnunet_feddah.method.registry import STRATEGIES
+from nnunet_feddah.method.registry import FEDDAH_ABLATIONS, STRATEGIES
 from nnunet_feddah.nnunet.datasets import nnunet_folders
 from nnunet_feddah.nnunet.weights import load_weights, save_weights
 from nnunet_feddah.paths import nnunet_env
@@ -105,9 +105,13 @@ class ReplayingExecutor:
 
 def plan_for(plan: FederationPlan, strategy: str, iterations_per_epoch: int | None = None,
              seed: int | None = None) -> FederationPlan:
-    """The benchmark plan with another strategy (and optionally other iterations per epoch / another seed)."""
+    """The benchmark plan with another strategy (and optionally other iterations per epoch / another seed).
+
+    FedDAH and its ablations keep the plan's FedDAH parameters (e.g. the CPU plan's ``rank``); every other
+    strategy gets its defaults."""
     data = plan.to_json()
-    data["strategy"] = {"name": strategy, "params": {}}
+    family = plan.strategy.name in ("feddah", *FEDDAH_ABLATIONS) and strategy in ("feddah", *FEDDAH_ABLATIONS)
+    data["strategy"] = {"name": strategy, "params": dict(plan.strategy.params) if family else {}}
     if iterations_per_epoch is not None:
         data["local"]["iterations_per_epoch"] = int(iterations_per_epoch)
     if seed is not None:

@@ -87,6 +87,24 @@ def single_site_plan(dataset_id: int, plans_identifier: str, organ: str):
                        "strategy": {"name": "local", "params": {}}}, "learning curve")
 
 
+def held_out_scorer(dataset_id: int, plans_identifier: str, task: str, device: str = "cpu"
+                    ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """Held-out Dice of a task's weights on the site's test cases (read and preprocessed once)."""
+    import torch
+
+    from nnunet_feddah.organs import Task
+    from nnunet_feddah.results.evaluate import evaluate_task, load_test_set
+    from nnunet_feddah.results.inference import TaskModel
+
+    test_set = load_test_set(single_site_plan(dataset_id, plans_identifier, task), "site", log=lambda *_: None)
+    labels = Task.parse(task).labels
+
+    def score(weights: Mapping[str, Any]) -> dict[str, Any]:
+        return evaluate_task(test_set, TaskModel.from_weights(test_set.shared, weights, labels, task, torch.device(device)))
+
+    return score
+
+
 def donor_start_file(donor_weights: Path, donor: str, organ: str, plans: Mapping[str, Any], out_dir: Path) -> Path:
     """The start weights of ``organ`` from the trained ``donor`` network, by FedDAH's allocation rule."""
     from nnunet_feddah.method.donor import FittedTask, donor_start
@@ -106,21 +124,15 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
     """Train ``organ`` from ``start`` (default: nnU-Net's initialisation); held-out Dice after every chunk.
 
     Resumes finished runs."""
-    import torch
-
     from nnunet_feddah.nnunet.round_config import RoundConfig
     from nnunet_feddah.nnunet.trainer import train_round
     from nnunet_feddah.nnunet.weights import load_weights
-    from nnunet_feddah.organs import Task
-    from nnunet_feddah.results.evaluate import evaluate_task, load_test_set
-    from nnunet_feddah.results.inference import TaskModel
 
     done = out_dir / "curve.json"
     if done.is_file():
         return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    test_set = load_test_set(single_site_plan(dataset_id, plans_identifier, organ), "site", log=lambda *_: None)
-    task = Task.parse(organ)
+    score = held_out_scorer(dataset_id, plans_identifier, organ, settings.device)
     chunks = math.ceil(settings.iterations / settings.chunk)
     rows: list[dict[str, Any]] = []
     previous, train_s = (str(start) if start else None), 0.0
@@ -136,11 +148,10 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
         if previous and k > 0 and not settings.keep_chunks:
             Path(previous).unlink(missing_ok=True)  # only the latest chunk's weights are needed
         previous = config.output_weights
-        model = TaskModel.from_weights(test_set.shared, weights, task.labels, organ, torch.device(settings.device))
-        scores = evaluate_task(test_set, model)
+        scores = score(weights)
         rows.append({"iterations": (k + 1) * settings.chunk, "dice": scores["dice"], "organs": scores["organs"],
                      "train_s": train_s, "train_loss": metrics["train_loss"]})
-        log(f"[curve] {organ + (f' from {settings.donor}' if start else ''):<9} seed {seed}  {(k + 1) * settings.chunk:5d} it  Dice {scores['dice']:.3f}  "
+        log(f"[curve] {organ + (f' from {settings.donor}' if settings.donor else ''):<9} seed {seed}  {(k + 1) * settings.chunk:5d} it  Dice {scores['dice']:.3f}  "
             f"loss {metrics['train_loss']:+.3f}  {train_s:5.0f} s of training")
     atomic_write_json(done, rows)
     return rows
@@ -242,3 +253,67 @@ def run_learning_curves(settings: CurveSettings, work: Path, log: Callable[[str]
               "summary": summary, "plot": str(plot_curves(work / f"{name}.png", curves, settings))}
     atomic_write_json(work / f"{name}.json", result)
     return result
+
+
+@dataclass(frozen=True)
+class SnapshotRun:
+    """One chained training run with every chunk's weights kept: ``start.safetensors``, ``chunk_XX.safetensors``."""
+
+    organ: str
+    seed: int
+    dataset_id: int
+    folder: Path
+    rows: list[dict[str, Any]]  # held-out Dice per chunk (:func:`run_curve`)
+
+    def snapshot(self, k: int) -> Path:
+        return self.folder / f"chunk_{k:02d}.safetensors"
+
+    @property
+    def final(self) -> Path:
+        return self.snapshot(len(self.rows) - 1)
+
+
+def snapshot_runs(work: Path, seeds: Sequence[int], chunks: int, donor: str = "kidneys",
+                  organs: Sequence[str] = ("liver", "spleen", "pancreas"), donor_chunk: int = 50,
+                  organ_chunk: int = 25, first_dataset_id: int = 960,
+                  log: Callable[[str], None] = print) -> list[SnapshotRun]:
+    """Real trained networks as a federation makes them, for the coordinator's benchmarks.
+
+    Per seed one phantom site (cohort seed = training seed) trains ``donor`` from DAHyper's initial base
+    (``chunks × donor_chunk`` iterations), then every organ from the trained donor by FedDAH's allocation
+    rule (``chunks × organ_chunk``), keeping every chunk's weights. Resumes finished runs; the caller sets
+    the nnU-Net folders (``nnunet_env(work)``) before nnU-Net is imported.
+    """
+    from nnunet_feddah.nnunet.network import hypernet_base, is_head
+    from nnunet_feddah.nnunet.shared_plans import load_template
+    from nnunet_feddah.nnunet.weights import save_weights
+    from nnunet_feddah.organs import Task
+
+    settings = CurveSettings(organs=(donor, *organs), seeds=tuple(seeds), first_dataset_id=first_dataset_id,
+                             keep_chunks=True)
+    plans_identifier = load_template(settings.plans_template)["plans_name"]
+    runs = []
+    for seed in seeds:
+        dataset_id = prepare_seed_site(settings, seed, log)
+        plans = json.loads(next(Path(os.environ["nnUNet_preprocessed"]).glob(
+            f"Dataset{dataset_id:03d}_*/{plans_identifier}.json")).read_text())
+        donor_run = None
+        for organ in (donor, *organs):
+            folder = work / "runs" / f"{organ}_seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            start = folder / "start.safetensors"
+            if donor_run is None:
+                settings_now = replace(settings, iterations=chunks * donor_chunk, chunk=donor_chunk)
+                if not start.is_file():
+                    slots = [0, *Task.parse(organ).labels]
+                    save_weights(start, {k: (v[slots] if is_head(k) else v) for k, v in hypernet_base(plans).items()},
+                                 {"start": "DAHyper's initial base"})
+            else:
+                settings_now = replace(settings, iterations=chunks * organ_chunk, chunk=organ_chunk, donor=donor)
+                if not start.is_file():
+                    donor_start_file(donor_run.final, donor, organ, plans, folder)
+            rows = run_curve(settings_now, organ, seed, dataset_id, plans_identifier, folder, log, start)
+            run = SnapshotRun(organ, seed, dataset_id, folder, rows)
+            donor_run = donor_run or run
+            runs.append(run)
+    return runs
