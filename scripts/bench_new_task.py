@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     pool = args.pool.resolve()
     os.environ.update(nnunet_env(pool))  # before any nnU-Net import
 
-    from nnunet_feddah.nnunet.shared_plans import load_template
     from nnunet_feddah.nnunet.weights import load_weights, save_weights
     from nnunet_feddah.results.learning_curve import CurveSettings, held_out_scorer, run_curve, snapshot_runs
     from nnunet_feddah.results.stats import mean_ci95
@@ -79,16 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     begin = time.perf_counter()
-    plans_identifier = load_template("cpu")["plans_name"]
     settings = CurveSettings(iterations=args.iterations, chunk=args.iterations)
     rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.parent / "bench_new_task_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
         for seed in args.seeds:
             kidneys_run, liver_run = snapshot_runs(pool, [seed], args.chunks, "kidneys", ["liver"], log=log)
-            plans = json.loads(next((pool / "nnUNet_preprocessed").glob(
-                f"Dataset{kidneys_run.dataset_id:03d}_*/{plans_identifier}.json")).read_text())
-            weights = starts(plans, load_weights(kidneys_run.final)[0], load_weights(liver_run.final)[0])
+            weights = starts(kidneys_run.plans, load_weights(kidneys_run.final)[0], load_weights(liver_run.final)[0])
+            plans_identifier = kidneys_run.plans_identifier
             score = held_out_scorer(kidneys_run.dataset_id, plans_identifier, NEW_TASK)
             row = {"seed": seed, "kidneys_dice": kidneys_run.rows[-1]["dice"], "liver_dice": liver_run.rows[-1]["dice"]}
             for arm, start in weights.items():

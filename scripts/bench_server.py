@@ -71,15 +71,16 @@ class Change:
 
 
 # ---------------------------------------------------------------------------------------------- real changes
-def real_changes(pool: Path, seeds: Sequence[int], chunks: int, log: Callable[[str], None]) -> list[Change]:
-    """Train (or reuse) the snapshot runs and return their changes, interleaved across runs."""
+def real_changes(pool: Path, seeds: Sequence[int], chunks: int, log: Callable[[str], None]
+                 ) -> tuple[list[Change], list]:
+    """Train (or reuse) the snapshot runs; their changes interleaved across runs, and the runs."""
     os.environ.update(nnunet_env(pool))  # before any nnU-Net import: it reads the folders at import time
     from nnunet_feddah.nnunet.weights import load_weights
     from nnunet_feddah.organs import Task
     from nnunet_feddah.results.learning_curve import snapshot_runs
 
-    per_run = []
-    for run in snapshot_runs(pool, seeds, chunks, DONOR, FROM_DONOR, DONOR_CHUNK, ORGAN_CHUNK, log=log):
+    per_run, runs = [], snapshot_runs(pool, seeds, chunks, DONOR, FROM_DONOR, DONOR_CHUNK, ORGAN_CHUNK, log=log)
+    for run in runs:
         begin, _ = load_weights(run.folder / "start.safetensors")
         changes = []
         for k, row in enumerate(run.rows):
@@ -87,7 +88,7 @@ def real_changes(pool: Path, seeds: Sequence[int], chunks: int, log: Callable[[s
             changes.append(Change(f"{run.organ}/seed{run.seed}/{row['iterations']}it", list(Task.parse(run.organ).labels),
                                   {n: w - begin[n] for n, w in weights.items() if w.is_floating_point()}, row["dice"]))
         per_run.append(changes)
-    return [run[k] for k in range(max(map(len, per_run))) for run in per_run if k < len(run)]
+    return [run[k] for k in range(max(map(len, per_run))) for run in per_run if k < len(run)], runs
 
 
 def full_rank_change(weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> Weights:
@@ -164,43 +165,38 @@ def _measure(amr: AMR, tasks: int, recent: Sequence, reports: Sequence, referenc
 
 
 # ---------------------------------------------------------------------------------------------- rank vs Dice
-def rank_costs(pool: Path, seeds: Sequence[int], chunks: int, ranks: Sequence[int],
-               log: Callable[[str], None]) -> list[dict]:
+def rank_costs(runs: Sequence, ranks: Sequence[int], log: Callable[[str], None]) -> list[dict]:
     """Per seed and organ trained from the donor: fit the donor, then the organ's final snapshot, let the organ
     go idle (compressed), and compare held-out Dice of the compressed weights with the upload's, per rank."""
-    from nnunet_feddah.nnunet.shared_plans import load_template
     from nnunet_feddah.nnunet.weights import load_weights
     from nnunet_feddah.organs import Task
     from nnunet_feddah.results.learning_curve import held_out_scorer
 
-    plans_identifier = load_template("cpu")["plans_name"]
     out = []
-    for seed in seeds:
-        dataset_id = 960 + seed
-        plans = json.loads(next((pool / "nnUNet_preprocessed").glob(
-            f"Dataset{dataset_id:03d}_*/{plans_identifier}.json")).read_text())
-        donor, _ = load_weights(pool / "runs" / f"{DONOR}_seed{seed}" / f"chunk_{chunks - 1:02d}.safetensors")
-        for organ in FROM_DONOR:
-            final, _ = load_weights(pool / "runs" / f"{organ}_seed{seed}" / f"chunk_{chunks - 1:02d}.safetensors")
-            labels = list(Task.parse(organ).labels)
-            score = held_out_scorer(dataset_id, plans_identifier, organ)
+    donors = {run.seed: run for run in runs if run.organ == DONOR}
+    for run in (r for r in runs if r.organ != DONOR):
+        seed, organ, plans = run.seed, run.organ, run.plans
+        donor, _ = load_weights(donors[seed].final)
+        final, _ = load_weights(run.final)
+        labels = list(Task.parse(organ).labels)
+        score = held_out_scorer(run.dataset_id, run.plans_identifier, organ)
 
-            def dice(weights: Mapping[str, torch.Tensor], score=score) -> float:
-                return score(weights)["dice"]
+        def dice(weights: Mapping[str, torch.Tensor], score=score) -> float:
+            return score(weights)["dice"]
 
-            row = {"seed": seed, "organ": organ, "dice_upload": dice(final)}
-            for rank in ranks:
-                amr = AMR(DAHyper(hypernet_base(plans), is_head, DAHyperConfig(rank=rank)), AMRConfig())
-                amr.allocate(DONOR, list(Task.parse(DONOR).labels), round_index=0)
-                amr.update(DONOR, donor, round_index=0, source="site")
-                amr.allocate(organ, labels, round_index=1)
-                amr.update(organ, final, round_index=1, source="site")
-                amr.update(DONOR, donor, round_index=2, source="site")  # the organ gets no upload: compressed
-                compressed = amr.hyper.generate(organ)
-                row[f"rank{rank}"] = {"dice": dice(compressed), "idle_loss": amr.compressed[0]["lost_of_delta"],
-                                      "lost_of_upload_change": change_lost(amr.hyper.base_view(organ), final, compressed)}
-            log(f"[bench]   ranks {organ} seed {seed}: {json.dumps(row)}")
-            out.append(row)
+        row = {"seed": seed, "organ": organ, "dice_upload": dice(final)}
+        for rank in ranks:
+            amr = AMR(DAHyper(hypernet_base(plans), is_head, DAHyperConfig(rank=rank)), AMRConfig())
+            amr.allocate(DONOR, list(Task.parse(DONOR).labels), round_index=0)
+            amr.update(DONOR, donor, round_index=0, source="site")
+            amr.allocate(organ, labels, round_index=1)
+            amr.update(organ, final, round_index=1, source="site")
+            amr.update(DONOR, donor, round_index=2, source="site")  # the organ gets no upload: compressed
+            compressed = amr.hyper.generate(organ)
+            row[f"rank{rank}"] = {"dice": dice(compressed), "idle_loss": amr.compressed[0]["lost_of_delta"],
+                                  "lost_of_upload_change": change_lost(amr.hyper.base_view(organ), final, compressed)}
+        log(f"[bench]   ranks {organ} seed {seed}: {json.dumps(row)}")
+        out.append(row)
     return out
 
 
@@ -261,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     changes: list[Change] = []
+    runs: list = []
     if "cpu" in args.plans or not args.no_ranks:
         t = time.perf_counter()
         with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
-            changes = real_changes(pool, seeds, chunks, log)
+            changes, runs = real_changes(pool, seeds, chunks, log)
         results["seconds"]["real_changes"] = time.perf_counter() - t
         results["changes"] = [{"name": c.name, "dice": c.dice} for c in changes]
         log(f"[bench] {len(changes)} real changes in {results['seconds']['real_changes']:.0f} s")
@@ -292,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ranks:
         t = time.perf_counter()
         with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
-            results["ranks"] = rank_costs(pool, seeds, chunks, args.ranks, log)
+            results["ranks"] = rank_costs(runs, args.ranks, log)
         results["seconds"]["ranks"] = time.perf_counter() - t
     results["seconds"]["total"] = time.perf_counter() - begin
     results["load_average_end"] = os.getloadavg()

@@ -264,6 +264,8 @@ class SnapshotRun:
     dataset_id: int
     folder: Path
     rows: list[dict[str, Any]]  # held-out Dice per chunk (:func:`run_curve`)
+    plans: dict[str, Any]  # the site's shared nnU-Net plans
+    plans_identifier: str
 
     def snapshot(self, k: int) -> Path:
         return self.folder / f"chunk_{k:02d}.safetensors"
@@ -313,7 +315,7 @@ def snapshot_runs(work: Path, seeds: Sequence[int], chunks: int, donor: str = "k
                 if not start.is_file():
                     donor_start_file(donor_run.final, donor, organ, plans, folder)
             rows = run_curve(settings_now, organ, seed, dataset_id, plans_identifier, folder, log, start)
-            run = SnapshotRun(organ, seed, dataset_id, folder, rows)
+            run = SnapshotRun(organ, seed, dataset_id, folder, rows, plans, plans_identifier)
             donor_run = donor_run or run
             runs.append(run)
     return runs
