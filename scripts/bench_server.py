@@ -126,8 +126,8 @@ def run_stream(base: Weights, hyper_params: dict, tasks: int, checkpoints: Seque
         reports.append(report)
         idle_losses += [e["lost_of_delta"] for e in amr.compressed]
         model_bytes += sum(v.numel() * v.element_size() for v in upload.values())
-        own = norm({k: v.double() - amr.hyper.base_view(key)[k].double() for k, v in upload.items()
-                    if v.is_floating_point()})
+        base_view = amr.hyper.base_view(key)  # once: it slices every head tensor
+        own = norm({k: v.double() - base_view[k].double() for k, v in upload.items() if v.is_floating_point()})
         scale[key] = (own, norm(change))
         index = int(previous[4:]) if previous else 0  # task00 became the base: it has no delta to measure against
         if 0 < index and (index <= 2 or index % drift_every == 0):
