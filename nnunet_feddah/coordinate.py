@@ -54,14 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
-    """Load the plan and check every site's data (unless only the shared plans file is available here)."""
+def check(plan_arg: str, plans_file: Path | None, state: Path | None = None, sites_here: bool = True) -> FederationPlan:
+    """Load the plan and check every site's data (unless only the shared plans file is available here).
+
+    Before a plan's fingerprint round has run in ``state`` the sites have no plans yet: only their raw data
+    is checked, and the round installs the plans. A deployment's coordinator (``sites_here=False``) with a
+    fingerprint round has no site data to check: each site checks its own when its SuperNode starts.
+    """
+    from nnunet_feddah.federation.plans_round import round_record
+
     plan = load_plan(plan_arg)
-    if plans_file is None:
-        found = validate_sites(plan)
+    if plans_file is None and not sites_here and plan.fingerprint_round is not None:
+        print(f"plan {plan.source}: {len(plan.sites)} sites, {plan.total_rounds} rounds, strategy "
+              f"{plan.strategy.name}; shared plans from a fingerprint round over Flower "
+              f"(template {plan.fingerprint_round.template})")
+    elif plans_file is None:
+        planned_here = plan.fingerprint_round is not None and (state is None or round_record(state) is None)
+        found = validate_sites(plan, require_plans=not planned_here)
         print(f"plan {plan.source}: {len(found)} sites, {plan.total_rounds} rounds, strategy {plan.strategy.name}")
+        if planned_here:
+            print(f"  shared plans: from a fingerprint round over every site (template {plan.fingerprint_round.template})")
         for data in found.values():
-            print(f"  {data.site:<10} {data.dataset_name}  {data.fingerprint}")
+            print(f"  {data.site:<10} {data.dataset_name}  {data.fingerprint or '(plans from the fingerprint round)'}")
     elif not plans_file.is_file():
         raise FederationPlanError(str(plans_file), [f"--plans-file {plans_file} does not exist"])
     return plan
@@ -69,12 +83,15 @@ def check(plan_arg: str, plans_file: Path | None) -> FederationPlan:
 
 def run_in_process(plan: FederationPlan, state: Path, work: Path, args: argparse.Namespace,
                    log: Callable[[str], None]) -> bool:
+    from nnunet_feddah.federation.plans_round import ensure_shared_plans
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.federation.start import open_coordinator
 
+    executor = InProcessExecutor(plan, work, args.device)
+    ensure_shared_plans(plan, state, executor.ask, log)
     coordinator = open_coordinator(plan, state, log=log, max_relative_change=args.max_relative_change,
                                    round_attempts=args.round_attempts)
-    coordinator.run(InProcessExecutor(plan, work, args.device))
+    coordinator.run(executor)
     return coordinator.finished
 
 
@@ -138,7 +155,8 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        plan = check(args.plan, None if (args.local or args.in_process) else args.plans_file)
+        plan = check(args.plan, None if (args.local or args.in_process) else args.plans_file, args.state.resolve(),
+                     sites_here=args.local or args.in_process)
     except FederationPlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID

@@ -100,6 +100,9 @@ class FakeGrid:
             if answer == "train":
                 job, _ = messages.job_from_content(m.content)
                 self._reply(mid, messages.result_content(_result(job), {"handler_start": 1.0, "handler_end": 2.0}))
+            elif answer == "fingerprint":  # a site answering a fingerprint-round stage with what it was asked
+                stage, request, _ = messages.ask_from_content(m.content)
+                self._reply(mid, messages.answer_content({"stage": stage, "request": request}, {}))
             elif answer == "error":
                 self._reply(mid, None, error=SimpleNamespace(code=5, reason="Node Unavailable"))
             elif answer == "malformed":  # a reply whose layout promises more values than it carries
@@ -206,6 +209,27 @@ def test_executor_late_join_and_deadline(task_identity):
 
 
 # --- app directory and command lines --------------------------------------------------------------------
+def test_executor_ask_waits_for_every_site_and_names_the_one_that_never_came(task_identity):
+    """The fingerprint round's transport: a late site is asked once it is online; one never online is named."""
+    grid = FakeGrid({1: "a", 2: "b"})
+    grid.behave.update({"a": "fingerprint", "b": "fingerprint"})
+    late = grid.nodes.pop(2)
+    polls = []
+    grid.on_poll = lambda g: polls.append(1) if len(polls) < 3 else g.nodes.setdefault(2, late)
+    lines: list[str] = []
+    executor = FlowerExecutor(grid, ("a", "b"), {"plan": "/p.json"}, lines.append, poll_s=0.01)
+    replies = executor.ask("statistics", {"a": {"min_count": 5}, "b": {}}, 5.0)
+    assert replies == {"a": {"stage": "statistics", "request": {"min_count": 5}},
+                       "b": {"stage": "statistics", "request": {}}}
+    assert [m.metadata.message_type for _, m in grid.pushed] == [messages.FINGERPRINT_ROUND] * 2
+    assert sum("fingerprint round (statistics): asking" in line for line in lines) == 2  # a first, b when it came
+
+    alone = FakeGrid({1: "a"})
+    alone.behave["a"] = "error"
+    replies = FlowerExecutor(alone, ("a", "b"), {}, lines.append, poll_s=0.01).ask("install", {"a": {}, "b": {}}, 0.2)
+    assert replies["a"].startswith("Flower error 5") and "never online" in replies["b"]
+
+
 def test_app_directory_components_resolve_from_the_package():
     from flwr.supercore.object_ref import validate
 

@@ -61,6 +61,21 @@ class StrategySpec:
 
 
 @dataclass(frozen=True)
+class FingerprintRound:
+    """Where the shared nnU-Net plans come from when none exist yet: a fingerprint round before round 1.
+
+    Every site sends nnU-Net fingerprint statistics of its raw training cases (no voxel leaves it), the
+    coordinator merges them and fills ``template`` (a bundled name or a path) with nnU-Net's CT normalisation
+    and median spacing from the merged fingerprint, and every site installs the result
+    (:mod:`nnunet_feddah.federation.plans_round`). ``min_count``: the sites' histogram guard (None: the
+    sites' default).
+    """
+
+    template: str
+    min_count: int | None = None
+
+
+@dataclass(frozen=True)
 class SitePlan:
     """One site: its dataset, its task stream and when it joins. ``rounds_per_step`` is already resolved."""
 
@@ -103,6 +118,7 @@ class FederationPlan:
     round_deadline_s: float = DEFAULT_ROUND_DEADLINE_S
     seed: int = 0
     nnunet_root: Path | None = None
+    fingerprint_round: FingerprintRound | None = None  # None: the sites' plans are installed beforehand
     source: str = field(default="<in-memory>", compare=False)
 
     # --- schedule -------------------------------------------------------------------------------------
@@ -265,6 +281,8 @@ class FederationPlan:
             "seed": self.seed,
             "total_epochs": self.total_epochs,
         })
+        if self.fingerprint_round is not None:  # left out when unset, so older plans keep their plan hash
+            out["fingerprint_round"] = {k: v for k, v in asdict(self.fingerprint_round).items() if v is not None}
         return out
 
 

@@ -19,6 +19,7 @@ from nnunet_feddah.federation.plan import (
     DEFAULT_ROUND_DEADLINE_S,
     FederationPlan,
     FederationPlanError,
+    FingerprintRound,
     LocalTraining,
     SitePlan,
     StrategySpec,
@@ -34,7 +35,7 @@ _MISSING: Any = object()
 
 TOP_FIELDS = {"name": True, "plans_identifier": True, "sites": True, "rounds_per_step": True, "local": True,
               "strategy": True, "round_deadline_s": False, "seed": False, "total_epochs": False,
-              "round_epochs": False, "nnunet_root": False}
+              "round_epochs": False, "nnunet_root": False, "fingerprint_round": False}
 SITE_FIELDS = {"name": True, "dataset": True, "stream": True, "join_round": False, "rounds_per_step": False,
                "nnunet_root": False}
 #: Local-training options with a fixed set of values (the first is the default).
@@ -43,6 +44,8 @@ LOCAL_FIELDS = {"epochs": True, "iterations_per_epoch": True, "val_iterations_pe
                 "initial_lr": False, "max_validation_cases": False, "device_augmentation": False,
                 "optimizer": False, "lr_schedule": False}
 STRATEGY_FIELDS = {"name": True, "params": False}
+FINGERPRINT_ROUND_FIELDS = {"template": True, "min_count": False}
+TEMPLATE_NAMES = ("cpu", "amos")  # bundled as plans/template_<name>.json
 
 
 class _Reader:
@@ -218,6 +221,30 @@ def _check_task_spellings(reader: _Reader, sites: Sequence[SitePlan]) -> None:
                                    f"it would be learnt as a different task. Fix: spell it {first_key!r}")
 
 
+def _parse_fingerprint_round(reader: _Reader, data: Mapping) -> FingerprintRound | None:
+    """``"fingerprint_round": {"template": "cpu" | "amos" | path, "min_count": 10}``, the template found here."""
+    raw = data.get("fingerprint_round")
+    if raw is None or not reader.section(raw, "fingerprint_round", FINGERPRINT_ROUND_FIELDS):
+        return None
+    template = reader.string(raw, "template", "fingerprint_round")
+    min_count = reader.integer(raw, "min_count", "fingerprint_round", minimum=1, default=None)
+    if template is None:
+        return None
+    if template not in TEMPLATE_NAMES:
+        path = reader.path(raw, "template", "fingerprint_round")
+        if path is None or not path.is_file():
+            reader.problem("fingerprint_round.template", f"{template!r} is neither a bundled template "
+                                                         f"{list(TEMPLATE_NAMES)} nor an existing file ({path}). "
+                                                         f"Fix: name a bundled template or give the template's path")
+            return None
+        template = str(path)
+    if not (bundled_plans_dir() / f"template_{template}.json").is_file() and template in TEMPLATE_NAMES:
+        reader.problem("fingerprint_round.template", f"bundled template {template!r} is missing from "
+                                                     f"{bundled_plans_dir()}; reinstall nnunet-feddah")
+        return None
+    return FingerprintRound(template, min_count)
+
+
 def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | str | None = None) -> FederationPlan:
     """Build and validate a plan from parsed JSON; raise one :class:`FederationPlanError` listing every problem."""
     reader = _Reader(source, Path(base_dir) if base_dir is not None else None)
@@ -282,6 +309,7 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
                 first[site_name] = i
         _check_task_spellings(reader, sites)
 
+    fingerprint_round = _parse_fingerprint_round(reader, data)
     total_rounds = max(s.last_round for s in sites) if sites and len(sites) == len(raw_sites) else None
     round_epochs = _parse_round_epochs(reader, data, total_rounds)
     total = None
@@ -300,7 +328,8 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
         raise FederationPlanError(source, reader.problems)
     return FederationPlan(name=name, plans_identifier=plans_identifier, sites=tuple(sites), rounds_per_step=rps,
                           local=local, strategy=strategy, total_epochs=total, round_epochs=round_epochs,
-                          round_deadline_s=deadline, seed=seed, nnunet_root=root, source=source)
+                          round_deadline_s=deadline, seed=seed, nnunet_root=root,
+                          fingerprint_round=fingerprint_round, source=source)
 
 
 def load_plan(path: os.PathLike | str) -> FederationPlan:

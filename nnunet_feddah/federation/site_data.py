@@ -31,7 +31,8 @@ class SiteData:
     training_cases: int | None = None  # numTraining of the site's dataset.json: the bound on an upload's claim
 
 
-def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, problems: list[str]) -> SiteData | None:
+def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, problems: list[str],
+                require_plans: bool = True) -> SiteData | None:
     where = f"{plan.source}: sites[{i}] ({s.name})"
     start = len(problems)
     try:
@@ -50,6 +51,8 @@ def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, pr
     if not raw_json.is_file():
         problems.append(f"{where}.dataset: {raw_json} does not exist (evaluation needs the raw dataset). "
                         f"Fix: write the site dataset into nnUNet_raw")
+    if not require_plans:  # the fingerprint round plans and installs them: only the raw data is there yet
+        return _raw_site(where, s, name, raw_json, pre / f"{plan.plans_identifier}.json", problems, start)
     for needed in ("dataset.json", "dataset_fingerprint.json", f"{plan.plans_identifier}.json"):
         if not (pre / needed).is_file():
             problems.append(f"{where}: {pre / needed} does not exist (plans_identifier "
@@ -78,11 +81,21 @@ def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, pr
             counts = organ_case_counts(data_folder)
         else:
             problems.append(f"{where}: no preprocessed cases in {data_folder}. {install_fix}")
+    _check_streams(where, s, dataset_json, pre / "dataset.json", counts, data_folder, problems)
+    if len(problems) > start:
+        return None
+    organ_cases = {o.key: counts.get(o.label, 0) for t in s.stream for o in t.organs} if counts is not None else {}
+    return SiteData(s.name, name, pre, plans_file, fingerprint, organ_cases, _declared_cases(dataset_json))
+
+
+def _check_streams(where: str, s: SitePlan, dataset_json: Mapping, dataset_json_file: Path,
+                   counts: Mapping[int, int] | None, data_folder: Path | None, problems: list[str]) -> None:
+    """Every task of the site's stream annotated in its dataset.json (and, given ``counts``, in some case)."""
     for j, task in enumerate(s.stream):
         if task in s.stream[:j]:
             continue
         try:
-            check_task_available(dataset_json, task, str(pre / "dataset.json"))
+            check_task_available(dataset_json, task, str(dataset_json_file))
         except (TaskNotAvailableError, ValueError) as exc:
             problems.append(f"{where}.stream[{j}]: {exc}")
             continue
@@ -91,27 +104,44 @@ def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, pr
             problems.append(f"{where}.stream[{j}]: task {task.key!r}: no preprocessed case in {data_folder} contains "
                             f"{empty} although the dataset declares them annotated. Fix: check the label files or "
                             f"drop these organs from the stream")
+
+
+def _declared_cases(dataset_json: Mapping) -> int | None:
+    declared = dataset_json.get("numTraining")
+    return declared if isinstance(declared, int) and not isinstance(declared, bool) else None
+
+
+def _raw_site(where: str, s: SitePlan, name: str, raw_json: Path, plans_file: Path, problems: list[str],
+              start: int) -> SiteData | None:
+    """A site before its plans exist: its raw dataset.json readable and annotating every streamed task."""
     if len(problems) > start:
         return None
-    organ_cases = {o.key: counts.get(o.label, 0) for t in s.stream for o in t.organs} if counts is not None else {}
-    declared = dataset_json.get("numTraining")
-    training_cases = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
-    return SiteData(s.name, name, pre, plans_file, fingerprint, organ_cases, training_cases)
+    try:
+        dataset_json = json.loads(raw_json.read_text())
+    except json.JSONDecodeError as exc:
+        problems.append(f"{where}: {raw_json} is not valid JSON ({exc}). Fix: write the site dataset again")
+        return None
+    _check_streams(where, s, dataset_json, raw_json, None, None, problems)
+    if len(problems) > start:
+        return None
+    return SiteData(s.name, name, plans_file.parent, plans_file, "", {}, _declared_cases(dataset_json))
 
 
 def validate_sites(plan: FederationPlan, sites: Sequence[str] | None = None,
-                   check_cases: bool = True) -> dict[str, SiteData]:
+                   check_cases: bool = True, require_plans: bool = True) -> dict[str, SiteData]:
     """Check the data side before a run: datasets, annotations, shared plans and one architecture for all.
 
     ``sites`` restricts the check (a hospital checks only its own site; the fingerprint comparison then
     covers the sites given). ``check_cases`` also reads nnU-Net's per-case ``class_locations`` so that a
-    task whose organ has no labelled voxel is refused. Imports the nnU-Net-side helpers lazily.
+    task whose organ has no labelled voxel is refused. ``require_plans=False`` checks only the raw datasets
+    (before a fingerprint round installs the plans; the sites' ``fingerprint`` is then ``""``). Imports the
+    nnU-Net-side helpers lazily.
     """
     chosen = [plan.site(name) for name in sites] if sites is not None else list(plan.sites)
     problems: list[str] = []
     found: dict[str, SiteData] = {}
     for s in chosen:
-        data = _check_site(plan, plan.sites.index(s), s, check_cases, problems)
+        data = _check_site(plan, plan.sites.index(s), s, check_cases, problems, require_plans)
         if data is not None:
             found[s.name] = data
     reference = next(iter(found.values()), None)

@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
@@ -90,3 +91,16 @@ class InProcessExecutor:
                 results[site] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         return results
+
+    def ask(self, stage: str, requests: Mapping[str, Mapping[str, Any]], deadline_s: float) -> dict[str, Any]:
+        """The fingerprint round's transport in this process (:data:`~.plans_round.Ask`), each site in its folders."""
+        from nnunet_feddah.federation.plans_round import answer
+
+        replies: dict[str, Any] = {}
+        for site, request in requests.items():
+            try:
+                with nnunet_folders(self.plan.nnunet_folders(site)):
+                    replies[site] = answer(self.plan, site, stage, request)
+            except Exception as exc:  # named per site by the round, which then stops before anything is kept
+                replies[site] = f"{type(exc).__name__}: {exc}"
+        return replies

@@ -69,6 +69,26 @@ def _timing(handler_start: float) -> dict[str, float]:
             "handler_end": time.time()}
 
 
+@app.query("fingerprint_round")
+def fingerprint_round(msg: Message, context: Context) -> Message:
+    """One stage of the fingerprint round (:func:`nnunet_feddah.federation.plans_round.answer`) at this site."""
+    handler_start = time.time()
+    try:
+        site = site_name(context)
+        stage, request, defaults = messages.ask_from_content(msg.content)
+        from nnunet_feddah.federation.plan_reader import load_plan
+
+        plan = load_plan(_setting(context.node_config, defaults, "plan", ""))
+        prepare_nnunet_env(plan.nnunet_folders(site))
+        from nnunet_feddah.federation.plans_round import answer
+
+        return Message(messages.answer_content(answer(plan, site, stage, request), _timing(handler_start)),
+                       reply_to=msg)
+    except Exception as exc:  # answered, so the coordinator names this site's reason
+        traceback.print_exc()
+        return Message(messages.error_content(f"{type(exc).__name__}: {exc}", _timing(handler_start)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     handler_start = time.time()

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
@@ -120,20 +120,19 @@ class FlowerExecutor:
     # --- messages -------------------------------------------------------------------------------------
     def _push(self, pairs: list[tuple[SiteJob, _Node]], sent: dict[str, _Sent], deadline_s: float,
               round_index: int) -> None:
-        msgs = [Message(messages.job_content(job, self.defaults), dst_node_id=node.node_id,
-                        message_type=messages.TRAIN, group_id=str(round_index), ttl=deadline_s + TTL_MARGIN_S)
-                for job, node in pairs]
+        self._send([(job.site, messages.job_content(job, self.defaults), node) for job, node in pairs],
+                   messages.TRAIN, str(round_index), deadline_s, sent)
+
+    def _send(self, outgoing: list[tuple[str, RecordDict, _Node]], message_type: str, group_id: str,
+              deadline_s: float, sent: dict[str, _Sent]) -> None:
+        msgs = [Message(content, dst_node_id=node.node_id, message_type=message_type, group_id=group_id,
+                        ttl=deadline_s + TTL_MARGIN_S) for _, content, node in outgoing]
         pushed_at = time.time()
-        for (job, node), mid in zip(pairs, self.grid.push_messages(msgs), strict=True):
-            sent[mid] = _Sent(job.site, node.node_id, pushed_at)
+        for (site, _, node), mid in zip(outgoing, self.grid.push_messages(msgs), strict=True):
+            sent[mid] = _Sent(site, node.node_id, pushed_at)
 
     def _pull(self, sent: dict[str, _Sent], results: dict[str, SiteResult | str]) -> None:
-        if not sent:
-            return
-        for reply in self.grid.pull_messages(list(sent)):
-            x = sent.pop(reply.metadata.reply_to_message_id, None)
-            if x is None:
-                continue
+        for x, reply in self._replies(sent):
             received = time.time()
             if reply.has_error():
                 results[x.site] = f"Flower error {reply.error.code}: {reply.error.reason}"
@@ -145,6 +144,55 @@ class FlowerExecutor:
                 results[x.site] = f"malformed reply: {type(exc).__name__}: {exc}"
                 continue
             self._record_timing(x, results[x.site], timing, received)
+
+    def _replies(self, sent: dict[str, _Sent]) -> list[tuple[_Sent, Message]]:
+        """The replies that arrived for what was sent (removed from ``sent``), with where each went."""
+        if not sent:
+            return []
+        arrived = []
+        for reply in self.grid.pull_messages(list(sent)):
+            x = sent.pop(reply.metadata.reply_to_message_id, None)
+            if x is not None:
+                arrived.append((x, reply))
+        return arrived
+
+    # --- the fingerprint round ------------------------------------------------------------------------
+    def ask(self, stage: str, requests: Mapping[str, Mapping[str, Any]], deadline_s: float) -> dict[str, Any]:
+        """One fingerprint-round stage (:data:`nnunet_feddah.federation.plans_round.Ask`) over the Grid.
+
+        Unlike a training round it waits for *every* site until the deadline — the plans are everyone's —
+        sending each its request as soon as its SuperNode is online. A site that goes offline or restarts
+        after taking its request is answered with the reason; the round then stops and is repeated next run.
+        """
+        end = time.time() + deadline_s
+        replies: dict[str, Any] = {}
+        sent: dict[str, _Sent] = {}
+        while True:
+            nodes = self._online()
+            sites = self._sites(nodes, deadline_s)
+            waiting = {x.site for x in sent.values()}
+            fresh = [s for s in requests if s in sites and s not in replies and s not in waiting]
+            if fresh:
+                self.log(f"fingerprint round ({stage}): asking " + " ".join(f"{s}=node {sites[s].node_id}" for s in fresh))
+                self._send([(s, messages.ask_content(stage, requests[s], self.defaults), sites[s]) for s in fresh],
+                           messages.FINGERPRINT_ROUND, f"fingerprint-{stage}", deadline_s, sent)
+            for x, reply in self._replies(sent):
+                if reply.has_error():
+                    replies[x.site] = f"Flower error {reply.error.code}: {reply.error.reason}"
+                    continue
+                try:
+                    replies[x.site] = messages.answer_from_content(reply.content)
+                except Exception as exc:
+                    replies[x.site] = f"malformed reply: {type(exc).__name__}: {exc}"
+            self._drop_lost(sent, nodes, replies)
+            if all(s in replies for s in requests):
+                return replies
+            if time.time() >= end:
+                for site in requests:
+                    replies.setdefault(site, f"no answer within the round deadline of {deadline_s:.0f} s (its "
+                                             f"SuperNode was {'online' if site in sites else 'never online'})")
+                return replies
+            time.sleep(self.poll_s)
 
     def _drop_lost(self, sent: dict[str, _Sent], nodes: Mapping[int, _Node],
                    results: dict[str, SiteResult | str]) -> None:

@@ -22,7 +22,8 @@ from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
 
 TRAIN = "train"
-WEIGHTS, CONFIG, METRICS, TIMING, ERROR = "weights", "config", "metrics", "timing", "error"
+FINGERPRINT_ROUND = "query.fingerprint_round"  # Flower's "query" category, our action (a custom handler)
+WEIGHTS, CONFIG, METRICS, TIMING, ERROR, REPLY = "weights", "config", "metrics", "timing", "error", "reply"
 PACKED, LAYOUT = "packed:", "layout"
 
 
@@ -123,6 +124,37 @@ def result_from_content(content: RecordDict) -> SiteResult | str:
     return SiteResult(site=str(info["site"]), round=int(info["round"]), task=str(info["task"]),
                       weights=record_to_tensors(content[WEIGHTS]), metrics=json.loads(str(info["metrics"])),
                       seconds=float(info["seconds"]))
+
+
+def ask_content(stage: str, request: Mapping, defaults: Mapping[str, str]) -> RecordDict:
+    """A fingerprint-round request (the stage and its JSON request) with the coordinator's defaults."""
+    return RecordDict({CONFIG: ConfigRecord({"stage": stage, "request": json.dumps(request),
+                                             **{k: str(v) for k, v in defaults.items()}})})
+
+
+def ask_from_content(content: RecordDict) -> tuple[str, dict, dict[str, str]]:
+    """Stage, request and the coordinator's defaults (``plan``, ``work-dir``, ``device``)."""
+    config = content[CONFIG]
+    request = json.loads(str(config["request"]))
+    if not isinstance(request, dict):
+        raise MalformedMessageError(f"fingerprint-round request is not a JSON object: {str(request)[:200]}")
+    return str(config["stage"]), request, {k: str(config[k]) for k in ("plan", "work-dir", "device") if k in config}
+
+
+def answer_content(reply: Mapping, timing: Mapping[str, float]) -> RecordDict:
+    """A site's fingerprint-round answer as one JSON string (statistics or an architecture fingerprint)."""
+    return RecordDict({REPLY: ConfigRecord({"json": json.dumps(reply)}),
+                       TIMING: ConfigRecord({k: float(v) for k, v in timing.items()})})
+
+
+def answer_from_content(content: RecordDict) -> dict | str:
+    """The site's answer, or its error message."""
+    if ERROR in content:
+        return f"site error: {content[ERROR]['message']}"
+    reply = json.loads(str(content[REPLY]["json"]))
+    if not isinstance(reply, dict):
+        raise MalformedMessageError(f"fingerprint-round answer is not a JSON object: {str(reply)[:200]}")
+    return reply
 
 
 def timing_from_content(content: RecordDict) -> dict[str, float]:

@@ -22,6 +22,7 @@ from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, DE
 from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
 from nnunet_feddah.federation.plan_reader import load_plan
+from nnunet_feddah.federation.plans_round import ensure_shared_plans
 from nnunet_feddah.federation.start import open_coordinator
 from nnunet_feddah.flower import TIMINGS_FILE
 from nnunet_feddah.flower.executor import FlowerExecutor
@@ -47,17 +48,20 @@ def main(grid: Grid, context: Context) -> None:
     log(f"ServerApp started: run {getattr(context, 'run_id', '?')}, pid {os.getpid()}, state {state_dir}")
     try:
         with state_lock(state_dir, "flower ServerApp", str(config.get("lock-token", "")) or None, log):
-            coordinator = open_coordinator(load_plan(str(config["plan"])), Path(str(config["state-dir"])),
-                                           str(config.get("plans-file", "")) or None, log,
+            plan = load_plan(str(config["plan"]))
+            plans_file = str(config.get("plans-file", "")) or None
+            defaults = {"plan": str(Path(plan.source).resolve()), "work-dir": str(config.get("work-dir", "")),
+                        "device": str(config.get("device", "cpu"))}
+            executor = FlowerExecutor(grid, plan.site_names, defaults, log, float(config.get("poll-interval-s", 1.0)),
+                                      state_dir / TIMINGS_FILE)
+            if plans_file is None:  # no plans given: the plan's fingerprint round makes them (once per state)
+                ensure_shared_plans(plan, state_dir, executor.ask, log)
+            coordinator = open_coordinator(plan, state_dir, plans_file, log,
                                            float(config.get("max-relative-change", DEFAULT_MAX_RELATIVE_CHANGE)),
                                            int(config.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)))
             if coordinator.finished:
                 log(f"nothing to do: all {coordinator.plan.total_rounds} rounds are committed in {state_dir}")
                 return
-            defaults = {"plan": str(Path(coordinator.plan.source).resolve()), "work-dir": str(config.get("work-dir", "")),
-                        "device": str(config.get("device", "cpu"))}
-            executor = FlowerExecutor(grid, coordinator.plan.site_names, defaults, log,
-                                      float(config.get("poll-interval-s", 1.0)), state_dir / TIMINGS_FILE)
             coordinator.run(executor)
             log(f"federation finished: {coordinator.last_round}/{coordinator.plan.total_rounds} rounds committed")
     except (KeyboardInterrupt, SystemExit):

@@ -79,7 +79,6 @@ def image_reader_class(dataset_json: dict, cases: Mapping[str, Mapping[str, Any]
 def plans_from_template(template: dict, reference: str, fingerprint: dict | None = None) -> dict:
     """Fill a template's dataset-derived fields from a fingerprint: the reference site's own by default, or
     ``fingerprint`` (e.g. the federated one of every site, ``nnfeddah fingerprint merge``)."""
-    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     folders = require_nnunet_env()
@@ -87,6 +86,16 @@ def plans_from_template(template: dict, reference: str, fingerprint: dict | None
         fingerprint = json.loads((folders["nnUNet_preprocessed"] / reference / "dataset_fingerprint.json").read_text())
     raw = folders["nnUNet_raw"] / reference
     dataset_json = json.loads((raw / "dataset.json").read_text())
+    reader = image_reader_class(dataset_json, get_filenames_of_train_images_and_targets(str(raw), dataset_json))
+    return fill_template(template, fingerprint, reference, reader.__name__)
+
+
+def fill_template(template: dict, fingerprint: Mapping[str, Any], dataset: str, image_reader_writer: str) -> dict:
+    """The template with its dataset-derived fields from ``fingerprint`` (no image needed: a coordinator can
+    fill it from the merged fingerprint alone): median spacing and shape, nnU-Net's CT normalisation
+    statistics, the median image size at the template's spacing, and the sites' image reader."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
     plans = copy.deepcopy(template)
     plans.pop("feddah_template", None)
     transpose = plans.get("transpose_forward", [0, 1, 2])
@@ -94,11 +103,10 @@ def plans_from_template(template: dict, reference: str, fingerprint: dict | None
     shape = np.median(np.asarray(fingerprint["shapes_after_crop"]), 0)[transpose]
     target = plans["configurations"][CONFIGURATION]["spacing"]
     plans.update({
-        "dataset_name": reference,
+        "dataset_name": dataset,
         "original_median_spacing_after_transp": [float(s) for s in spacing],
         "original_median_shape_after_transp": [int(round(s)) for s in shape],
-        "image_reader_writer": image_reader_class(
-            dataset_json, get_filenames_of_train_images_and_targets(str(raw), dataset_json)).__name__,
+        "image_reader_writer": image_reader_writer,
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
     })
     plans["configurations"][CONFIGURATION]["median_image_size_in_voxels"] = [
@@ -156,7 +164,8 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     """Install shared plans into every dataset and preprocess it; return ``{dataset: fingerprint}``.
 
     With ``template``, the plans' dataset-derived fields come from the reference site's nnU-Net fingerprint,
-    or from ``dataset_fingerprint`` (a merged federated one) when given.
+    or from ``dataset_fingerprint`` (a merged federated one) when given. The installed plans' ``feddah.source``
+    says where they came from (a plans file's own ``feddah.source`` is kept beside its path).
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import (
@@ -177,6 +186,8 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     if dataset_fingerprint is not None:
         source = f"{source} filled from {dataset_fingerprint}"
     shared = load_template(template or plans_file)
+    if plans_file is not None and (shared.get("feddah") or {}).get("source"):
+        source = f"{plans_file} ({shared['feddah']['source']})"
     plans_name = shared["plans_name"]
     for name in dict.fromkeys([ref, *names]):
         start = time.perf_counter()
