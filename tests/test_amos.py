@@ -151,11 +151,22 @@ def test_amos_conversion_to_federation(nnunet_work: Path, tmp_path: Path) -> Non
     assert sorted(groups) == sorted(SCANNERS)  # one phantom scanner per site
     assert seen == {f"amos_{i:04d}.nii.gz" for i in TRAIN_IDS + VAL_IDS if i <= 500}  # MRI gone, validation merged
 
-    # nnU-Net fingerprint + --verify_dataset_integrity + shared plans + preprocessing, then the paper plan's check
-    fingerprints = shared_plans.install(list(SITE_IDS), template="cpu", num_processes=2, log=lambda *_: None)
+    # `nnfeddah amos`'s default: both sites' statistics merged, the template filled from the merge, installed at
+    # both (nnU-Net fingerprint + --verify_dataset_integrity + preprocessing), then the paper plan's check
+    from nnunet_feddah.nnunet.federated_fingerprint import install_from_site_statistics
+
+    fingerprints = install_from_site_statistics(list(SITE_IDS), "cpu", tmp_path / "fingerprint", log=lambda *_: None)
     assert len(set(fingerprints.values())) == 1
     found = validate_sites(plan)
     assert set(found) == {"site1", "site2"} and len({d.fingerprint for d in found.values()}) == 1
+    merged = json.loads((tmp_path / "fingerprint" / "dataset_fingerprint.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "fingerprint").iterdir()) == sorted(
+        [f"{paths[0].name}.json", f"{paths[1].name}.json", "dataset_fingerprint.json",
+         "dataset_fingerprint.merge_report.json"])
+    for data in found.values():
+        installed = json.loads(data.plans_file.read_text())
+        assert installed["foreground_intensity_properties_per_channel"] == \
+            merged["foreground_intensity_properties_per_channel"]
 
     amos_plans = shared_plans.plans_from_template(shared_plans.load_template("amos"), paths[0].name)
     config = amos_plans["configurations"]["3d_fullres"]

@@ -65,6 +65,7 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.nnunet import datasets
 from nnunet_feddah.organs import BY_LABEL, ORGANS, Organ, organs_in_dataset_json
+from nnunet_feddah.paths import require_nnunet_env
 
 GENERATOR = "nnunet_feddah.amos"  # written into dataset.json: kept across module moves so older folders are still recognised
 DEFAULT_FIRST_ID = 511
@@ -459,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hardlink", action="store_true", help="hard-link images instead of copying (same disk)")
     parser.add_argument("--no-preprocess", action="store_true", help="only write the raw site datasets")
     parser.add_argument("--template", default="amos", help="shared plans template (default amos)")
+    parser.add_argument("--plans-from", choices=("sites", "reference"), default="sites",
+                        help="fill the template from the merged fingerprint of every site's statistics (default; "
+                             "written to $nnUNet_preprocessed/feddah_fingerprint_<first id>/) or from site 1's "
+                             "nnU-Net fingerprint alone")
     parser.add_argument("-np", "--num-processes", type=int, default=2)
     parser.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
     args = parser.parse_args(argv)
@@ -483,10 +488,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.test_fraction, args.hardlink)
         print(f"[amos] {len(sites)} site dataset(s) in {out} ({time.perf_counter() - start:.1f} s)")
         if not args.no_preprocess:
+            from nnunet_feddah.nnunet.federated_fingerprint import install_from_site_statistics
             from nnunet_feddah.nnunet.shared_plans import install
 
-            fingerprints = install([s.dataset_id for s in sites], template=args.template,
-                                   num_processes=args.num_processes, verify=not args.no_verify)
+            ids = [s.dataset_id for s in sites]
+            if args.plans_from == "sites":
+                folder = require_nnunet_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / f"feddah_fingerprint_{ids[0]}"
+                fingerprints = install_from_site_statistics(ids, args.template, folder, args.num_processes,
+                                                            not args.no_verify)
+            else:
+                fingerprints = install(ids, template=args.template, num_processes=args.num_processes,
+                                       verify=not args.no_verify)
             print(f"[amos] shared plans installed; architecture {next(iter(fingerprints.values()))} "
                   f"({time.perf_counter() - start:.1f} s)")
 

@@ -18,6 +18,8 @@ Coordinator side: :func:`~.fingerprint_merge.merge_statistics` (plain numpy) mak
 ``nnfeddah plans install --template … --dataset-fingerprint`` fills a template from it.
 
 CLI: ``nnfeddah fingerprint site -d 501 --out site1.json``; ``nnfeddah fingerprint merge *.json --out F [--plan D]``.
+Over a running federation the same two steps are its fingerprint round (:mod:`nnunet_feddah.federation.plans_round`);
+for site datasets on one machine, :func:`install_from_site_statistics` (``nnfeddah amos``'s default).
 """
 
 from __future__ import annotations
@@ -222,6 +224,32 @@ def plan_federated(merged: Mapping[str, Any], dataset_name: str, plans_name: str
     log(f"[fingerprint] nnU-Net's planner on the merged fingerprint: "
         f"{folders['nnUNet_preprocessed'] / dataset_name / (plans_name + '.json')} ({time.perf_counter() - started:.1f} s)")
     return plans
+
+
+def install_from_site_statistics(datasets: Sequence[str | int], template: str, folder: Path,
+                                 num_processes: int = 2, verify: bool = True,
+                                 log: Callable[[str], None] = print) -> dict[str, str]:
+    """Shared plans for site datasets that live on this machine, planned from the merge of their statistics.
+
+    What ``nnfeddah amos`` does by default (one machine holding a consortium's sites): each dataset's
+    statistics, their merged fingerprint and its report land in ``folder``, and ``template`` is filled from
+    the merge and installed at every dataset exactly as ``nnfeddah plans install --dataset-fingerprint``
+    does. Returns ``{dataset: architecture fingerprint}``.
+    """
+    from nnunet_feddah.nnunet.shared_plans import install, raw_dataset_name
+
+    statistics = {}
+    for dataset in datasets:
+        name = raw_dataset_name(dataset)
+        statistics[name] = site_statistics(name, log=log)
+        write_site_statistics(Path(folder) / f"{name}.json", statistics[name])
+    merged = merge_statistics(statistics)
+    fingerprint_file = Path(folder) / "dataset_fingerprint.json"
+    atomic_write_json(fingerprint_file, merged["fingerprint"])
+    atomic_write_json(Path(folder) / "dataset_fingerprint.merge_report.json",
+                      {k: merged[k] for k in ("format", "report", "sites", "dataset")})
+    return install(datasets, template=template, num_processes=num_processes, verify=verify, log=log,
+                   dataset_fingerprint=fingerprint_file)
 
 
 def write_site_statistics(path: Path, stats: Mapping[str, Any]) -> Path:
