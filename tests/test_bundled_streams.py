@@ -103,7 +103,7 @@ def test_benchmark_strategies_keep_feddahs_parameters_and_baselines_get_their_de
 
     plan = load_plan(bundled_plans_dir() / "phantom_bench.json")
     assert dict(plan.strategy.params) == {"rank": 8}
-    for name in ("feddah", "feddah-noencoder", "feddah-composed"):
+    for name in ("feddah", "feddah-noencoder", "feddah-composed", "feddah-composed-noencoder"):
         assert dict(plan_for(plan, name).strategy.params) == {"rank": 8}
     for name in ("fedavg", "local", "fedavg-per-task"):
         assert dict(plan_for(plan, name).strategy.params) == {}

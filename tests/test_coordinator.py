@@ -187,4 +187,6 @@ def test_ablation_names_force_their_switch(base):
     no_encoder = make_strategy("feddah-noencoder", {}, base, is_head).hyper
     assert not no_encoder.config.layer_encoder and torch.count_nonzero(no_encoder.params["encoder::F"]) == 0
     assert make_strategy("feddah-composed", {}, base, is_head).amr.config.new_task_start == "composed"
+    composed_without = make_strategy("feddah-composed-noencoder", {}, base, is_head)
+    assert composed_without.amr.config.new_task_start == "composed" and not composed_without.hyper.config.layer_encoder
     assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).hyper.config.rank == 8

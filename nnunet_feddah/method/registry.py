@@ -39,6 +39,8 @@ FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
     "feddah-wsWeights": {"similarity": "weights"},  # W_s from weight histograms (the reading before 2026-12-02)
     "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
     "feddah-composed": {"new_task_start": "composed"},  # new tasks generated from their organs' embeddings
+    # the encoder's effect where it has one: on a composed start (a fitted task's weights do not depend on it)
+    "feddah-composed-noencoder": {"new_task_start": "composed", "layer_encoder": False},
 }
 STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))
 STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28
