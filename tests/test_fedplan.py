@@ -130,6 +130,13 @@ def test_device_augmentation_reaches_the_round_config():
         parse_plan({**MINIMAL, "local": {**MINIMAL["local"], "device_augmentation": "yes"}})
 
 
+def test_cpu_precision_reaches_the_round_config():
+    plan = parse_plan({**MINIMAL, "local": {**MINIMAL["local"], "cpu_precision": "bfloat16"}})
+    config = RoundConfig.from_mapping({**plan.round_settings("a", 1), "output_weights": "w", "output_metrics": "m"})
+    assert config.cpu_precision == "bfloat16"
+    assert "cpu_precision" not in parse_plan(MINIMAL).to_json()["local"]  # unchanged plan hash when unset
+
+
 def test_strategy_spellings():
     assert parse_plan({**MINIMAL, "strategy": {"name": "fedavg_per_task"}}).strategy.name == "fedavg-per-task"
     with pytest.raises(FederationPlanError, match="did you mean 'fedavg-per-task'"):

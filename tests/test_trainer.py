@@ -152,6 +152,50 @@ def test_round_config_chooses_the_optimizer_on_the_offset_poly_curve(phantom_fed
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * (1 - 1 / 2) ** 0.9)
 
 
+def test_channels_last_is_the_same_arithmetic_as_nnunets_layout(phantom_federation):
+    """The CPU trainer's channels-last layout (a speed choice, docs/TRAINER.md) changes no training step."""
+    fed, site = phantom_federation, phantom_federation["full"]
+    torch.manual_seed(0)
+    batch = torch.randn(2, 1, *_plans(fed, site)["configurations"]["3d_fullres"]["patch_size"])
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        torch.manual_seed(1)
+        model = net.build_network(_plans(fed, site), 3).to(memory_format=layout)
+        sum(o.square().mean() for o in model(batch)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[1].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5 * grads[0].abs().max())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cpu_round_trains_channels_last_in_the_asked_precision(phantom_federation, tmp_path, precision):
+    from nnunet_feddah.nnunet.trainer import FedDAHTrainer, train_round
+
+    if precision == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bfloat16; the trainer keeps float32 there (asserted below)")
+    fed, site = phantom_federation, phantom_federation["full"]
+    seen: dict[str, object] = {}
+
+    def record(module, inputs, output):
+        seen.setdefault("dtype", output.dtype)
+        seen.setdefault("channels_last", module.weight.is_contiguous(memory_format=torch.channels_last_3d))
+
+    original = FedDAHTrainer.on_train_start
+
+    def hook_first_conv(trainer):
+        original(trainer)
+        next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv3d)).register_forward_hook(record)
+
+    config = RoundConfig.load(_round(tmp_path, task="liver", iterations_per_epoch=1, cpu_precision=precision))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FedDAHTrainer, "on_train_start", hook_first_conv)
+        metrics = train_round(site, fed["plans"], config)
+    assert metrics["precision"] == precision and seen["channels_last"] is True
+    assert seen["dtype"] == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    tensors, _ = load_weights(config.output_weights)  # written in nnU-Net's layout and dtype
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors.values() if t.is_floating_point())
+
+
 def test_training_batches_only_contain_task_labels(phantom_federation, tmp_path, monkeypatch):
     from nnunet_feddah.nnunet.trainer import FedDAHTrainer
 
@@ -232,6 +276,10 @@ def test_round_config_validation_names_file_and_field(tmp_path):
     path.write_text(json.dumps({"task": "liver", "output_weights": "w", "output_metrics": "m", "epoch_offset": 5,
                                 "epochs": 2, "total_epochs": 6}))
     with pytest.raises(RoundConfigError, match="'total_epochs'"):
+        RoundConfig.load(path)
+    path.write_text(json.dumps({"task": "liver", "output_weights": "w", "output_metrics": "m",
+                                "cpu_precision": "half"}))
+    with pytest.raises(RoundConfigError, match=f"{path}.*field 'cpu_precision' must be one of"):
         RoundConfig.load(path)
     path.write_text(json.dumps({"task": "liver", "output_weights": "w.safetensors", "output_metrics": "m.json"}))
     assert RoundConfig.load(path).output_weights == str(tmp_path / "w.safetensors")

@@ -50,6 +50,7 @@ class LocalTraining:
     device_augmentation: bool = False  # nnU-Net's augmentation on the training device (docs/AUGMENTATION.md)
     optimizer: str = "sgd"  # "sgd" (nnU-Net's default) or "adamw" (nnU-Net's nnUNetTrainerAdam recipe)
     lr_schedule: str = "federation"  # "federation": one poly curve over the site's stream; "per-task": one per task
+    cpu_precision: str = "float32"  # "bfloat16": bfloat16 autocast when a site trains on a CPU that has it
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,8 @@ class FederationPlan:
 def _local_json(local: LocalTraining) -> dict[str, Any]:
     """The local section; options left at their defaults are left out so older plans keep their plan hash."""
     out = asdict(local)
-    for name, default in (("device_augmentation", False), ("optimizer", "sgd"), ("lr_schedule", "federation")):
+    for name, default in (("device_augmentation", False), ("optimizer", "sgd"), ("lr_schedule", "federation"),
+                          ("cpu_precision", "float32")):
         if out[name] == default:
             del out[name]
     return out

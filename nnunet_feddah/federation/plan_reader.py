@@ -39,10 +39,11 @@ TOP_FIELDS = {"name": True, "plans_identifier": True, "sites": True, "rounds_per
 SITE_FIELDS = {"name": True, "dataset": True, "stream": True, "join_round": False, "rounds_per_step": False,
                "nnunet_root": False}
 #: Local-training options with a fixed set of values (the first is the default).
-LOCAL_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("federation", "per-task")}
+LOCAL_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("federation", "per-task"),
+                 "cpu_precision": ("float32", "bfloat16")}
 LOCAL_FIELDS = {"epochs": True, "iterations_per_epoch": True, "val_iterations_per_epoch": False,
                 "initial_lr": False, "max_validation_cases": False, "device_augmentation": False,
-                "optimizer": False, "lr_schedule": False}
+                "optimizer": False, "lr_schedule": False, "cpu_precision": False}
 STRATEGY_FIELDS = {"name": True, "params": False}
 FINGERPRINT_ROUND_FIELDS = {"template": True, "min_count": False}
 TEMPLATE_NAMES = ("cpu", "amos")  # bundled as plans/template_<name>.json

@@ -22,6 +22,7 @@ from nnunet_feddah.organs import Task, UnknownOrganError
 ENV_VAR = "FEDDAH_ROUND_CONFIG"
 DEVICE_AUGMENTATION_ENV = "FEDDAH_DEVICE_AUGMENTATION"
 OPTIMIZERS = ("sgd", "adamw")  # nnU-Net's default SGD; AdamW as nnU-Net's nnUNetTrainerAdam builds it
+CPU_PRECISIONS = ("float32", "bfloat16")  # nnU-Net trains in float32 on CPU; bfloat16 autocast is ours
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -42,6 +43,9 @@ class RoundConfig:
     instead of in CPU workers (see docs/AUGMENTATION.md; ``$FEDDAH_DEVICE_AUGMENTATION`` overrides it).
     ``optimizer`` is ``sgd`` (nnU-Net's SGD, Nesterov momentum 0.99) or ``adamw`` (nnU-Net's own
     ``nnUNetTrainerAdam`` recipe: AdamW with AMSGrad); docs/TRAINER.md has the measurement behind each.
+    ``cpu_precision`` ``bfloat16`` runs the training step under bfloat16 autocast when the trainer trains
+    on a CPU with native bfloat16 (nnU-Net's own mixed precision is float16 and CUDA-only); elsewhere it
+    changes nothing.
     """
 
     task: str
@@ -61,6 +65,7 @@ class RoundConfig:
     seed: int | None = None
     device_augmentation: bool = False
     optimizer: str = "sgd"
+    cpu_precision: str = "float32"
     source: str = "<in-memory>"
 
     @property
@@ -113,6 +118,9 @@ class RoundConfig:
         if self.optimizer not in OPTIMIZERS:
             raise RoundConfigError(f"{where}: field 'optimizer' must be one of {list(OPTIMIZERS)}, "
                                    f"got {self.optimizer!r}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise RoundConfigError(f"{where}: field 'cpu_precision' must be one of {list(CPU_PRECISIONS)}, "
+                                   f"got {self.cpu_precision!r}")
         if not isinstance(self.device_augmentation, bool):
             raise RoundConfigError(f"{where}: field 'device_augmentation' must be true or false, "
                                    f"got {self.device_augmentation!r}")
