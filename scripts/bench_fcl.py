@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: every server strategy over the same phantom stream and 3 seeds -> report.json + report.md + plots.
 
-    python scripts/bench_fcl.py            # every strategy + the centralized reference, seeds 0 1 2
+    python scripts/bench_fcl.py            # feddah, 3 ablations, 4 baselines + the centralized reference, seeds 0 1 2
+    python scripts/bench_fcl.py --strategies all   # every registered strategy (12) + centralized
     python scripts/bench_fcl.py --quick    # feddah, fedavg, fedavg-per-task-donor + centralized, seed 0
 
 The stream is plans/phantom_bench.json (4 sites, shared first task, different organ orders, a late joiner).
@@ -32,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.federation.plan_reader import load_plan
     from nnunet_feddah.method.registry import STRATEGIES
     from nnunet_feddah.paths import nnunet_env
-    from nnunet_feddah.results.benchmark import QUICK_STRATEGIES, check_targets, run_benchmark
+    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES, check_targets, run_benchmark
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(REPO / "plans" / "phantom_bench.json"))
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, help="default: all (quick: "
-                        f"{' '.join(QUICK_STRATEGIES)})")
+    parser.add_argument("--strategies", nargs="+", choices=(*STRATEGIES, "all"),
+                        help=f"default: {' '.join(DEFAULT_STRATEGIES)} (quick: {' '.join(QUICK_STRATEGIES)}); "
+                             f"all: every registered strategy")
     parser.add_argument("--quick", action="store_true", help=f"{len(QUICK_STRATEGIES)} strategies, seed "
                         f"{' '.join(map(str, QUICK_SEEDS))}")
     parser.add_argument("--iterations", type=int, help="override the plan's iterations per epoch")
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     os.environ.update(nnunet_env(work))  # each seed points the nnU-Net folders at its own root under work
     plan = load_plan(args.plan)
-    strategies = args.strategies or (QUICK_STRATEGIES if args.quick else STRATEGIES)
+    strategies = args.strategies or (QUICK_STRATEGIES if args.quick else DEFAULT_STRATEGIES)
+    if "all" in strategies:
+        strategies = STRATEGIES
     iterations = args.iterations
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
     tag = "quick" if args.quick else "default"

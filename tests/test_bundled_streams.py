@@ -87,7 +87,7 @@ def test_per_task_schedule_restarts_the_curve_for_every_task() -> None:
     assert "optimizer" not in federation.to_json()["local"], "defaults stay out of the plan hash"
 
 
-@pytest.mark.parametrize("field,value", [("optimizer", "adam"), ("lr_schedule", "cosine")])
+@pytest.mark.parametrize("field,value", [("optimizer", "adam"), ("lr_schedule", "cosine"), ("cpu_precision", "fp16")])
 def test_unknown_local_choice_names_the_field_and_the_choices(field: str, value: str) -> None:
     with pytest.raises(FederationPlanError, match=rf"local\.{field}: must be one of"):
         _plan(**{field: value})
@@ -107,3 +107,12 @@ def test_benchmark_strategies_keep_feddahs_parameters_and_baselines_get_their_de
         assert dict(plan_for(plan, name).strategy.params) == {"rank": 8}
     for name in ("fedavg", "local", "fedavg-per-task"):
         assert dict(plan_for(plan, name).strategy.params) == {}
+
+
+def test_the_benchmarks_default_run_is_feddah_its_three_ablations_and_the_four_baselines() -> None:
+    from nnunet_feddah.method.registry import STRATEGIES
+    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES
+
+    assert set(DEFAULT_STRATEGIES) == {"feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg",
+                                       "fedavg-per-task", "fedavg-per-task-donor", "local"}
+    assert set(QUICK_STRATEGIES) < set(DEFAULT_STRATEGIES) <= set(STRATEGIES)
