@@ -171,6 +171,12 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
     assert 0 <= central["final_mean_dice"] <= 1 and "headline" in report
     evaluation = json.loads((mini_bench["out"] / "seed_3" / "feddah" / "evaluation.json").read_text())
     assert set(evaluation["details"]["r2"]["kidneys"]) == {"a", "b"}
+    # bit-identical weights are predicted once: the per-task baseline's liver is idle in round 2 (and round 1's
+    # liver is the same average under fedavg and fedavg-per-task, evaluated first by fedavg)
+    per_task = json.loads((mini_bench["out"] / "seed_3" / "fedavg-per-task" / "evaluation.json").read_text())
+    assert per_task["evaluations"]["reused"] >= 4 and per_task["details"]["r2"]["liver"] == per_task["details"]["r1"]["liver"]
+    fedavg = json.loads((mini_bench["out"] / "seed_3" / "fedavg" / "evaluation.json").read_text())
+    assert fedavg["details"]["r1"]["liver"] == per_task["details"]["r1"]["liver"]
     assert (mini_bench["out"] / "strategy_comparison.png").is_file()
 
 

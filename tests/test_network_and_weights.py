@@ -124,3 +124,33 @@ def test_predictive_js_is_zero_for_equal_predictions_and_one_for_disjoint_certai
     mixed[:, 2:] = certain.flip(0)[:, 2:]
     assert predictive_js(certain, mixed, region) == pytest.approx(0.0, abs=1e-9)  # differs only outside the region
     assert predictive_js(certain, mixed) == pytest.approx(0.75, abs=1e-9)
+
+
+@pytest.mark.parametrize("shape,mirroring", [((40, 57, 64), False), ((60, 48, 48), False), ((40, 48, 60), True)])
+def test_cpu_sliding_window_equals_nnunets_predictor(shape, mirroring):
+    """Tiles two at a time (odd counts, test-time mirroring included) give nnU-Net's own sliding-window logits."""
+    from nnunet_feddah.results.amos_channels import amos_dataset_json
+    from nnunet_feddah.results.inference import PreparedImage, SharedPlans, TaskModel
+
+    torch.manual_seed(0)
+    shared = SharedPlans(_template(), amos_dataset_json({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                         "labels": {"background": 0, "liver": 6}}))
+    network = net.build_network(shared.plans, 16, 1, deep_supervision=False)
+    model = TaskModel(shared, network.state_dict(), [6], "liver", torch.device("cpu"), use_mirroring=mirroring)
+    image = PreparedImage("case", torch.randn(1, *shape), {})
+    calls: list[int] = []
+    model.predictor.network.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    ours = model.logits(image)
+    batched_calls, calls[:] = list(calls), []
+    with torch.no_grad(), net.paired_cpu_batches(model.predictor.network):
+        theirs = model.predictor.predict_logits_from_preprocessed_data(image.data)
+    tiles = len(model.predictor._internal_get_sliding_window_slicers(shape))
+    per_tile = 8 if mirroring else 1  # nnU-Net's mirror combinations of three axes, plus the plain pass
+    assert len(calls) == tiles * per_tile and len(batched_calls) == -(-tiles // 2) * per_tile  # half the calls
+    assert ours.shape == theirs.shape == (16, *shape) and ours.dtype == theirs.dtype == torch.half
+    assert torch.equal(ours, theirs)  # a tile's logits do not depend on its batch partner: bit for bit
+    with torch.no_grad():  # three tiles per call: another oneDNN blocking, so float32 rounding differs, and
+        # nnU-Net's float16 accumulators (Gaussian weights up to 10) carry it to a few 1e-2 at most
+        grouped = net.cpu_sliding_window(model.predictor, image.data, tiles_per_batch=3)
+    assert torch.allclose(grouped.float(), ours.float(), atol=0.05)
+    assert (grouped.argmax(0) == ours.argmax(0)).float().mean() > 0.999

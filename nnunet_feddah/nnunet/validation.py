@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
-from nnunet_feddah.nnunet.network import paired_cpu_batches
+from nnunet_feddah.nnunet.network import sliding_window_logits
 from nnunet_feddah.organs import Task
 
 
@@ -80,16 +79,15 @@ def organ_dice(
     per_case: dict[str, dict[str, float]] = {}
     divergences: list[tuple[float, float]] = []
     pooled = np.zeros((len(task.organs), 3), dtype=np.float64)
-    with torch.no_grad(), paired_cpu_batches(network), (nullcontext() if received is None
-                                                         else paired_cpu_batches(received)):
+    with torch.no_grad():
         for case in case_ids:
             data, seg, _, _ = dataset.load_case(case)
             image = torch.from_numpy(np.asarray(data[:]))
-            logits = predictor.predict_sliding_window_return_logits(image)
+            logits = sliding_window_logits(predictor, image)
             prediction = logits.argmax(0).cpu().numpy()
             reference = lut[np.clip(np.asarray(seg[0]), 0, 255)]
             if history is not None:
-                received_logits = history.predict_sliding_window_return_logits(image).cpu()
+                received_logits = sliding_window_logits(history, image).cpu()
                 region = (logits.argmax(0).cpu() > 0) | (received_logits.argmax(0) > 0)
                 divergences.append((predictive_js(logits.cpu(), received_logits, region),
                                     predictive_js(logits.cpu(), received_logits)))

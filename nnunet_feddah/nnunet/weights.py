@@ -6,6 +6,7 @@ Format: a tensor file (:mod:`nnunet_feddah.tensor_file`: safetensors, atomic) wi
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,20 @@ MISSING_FIX = "check the path in the round config"
 
 class WeightsFileError(FedDAHError, ValueError):
     """A weights file that cannot be used: unreadable, wrong format or made for something else."""
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor], salt: bytes = b"") -> str:
+    """SHA-256 of names, dtypes and exact bytes (sorted by name): equal digests mean bit-identical weights.
+
+    The benchmark keys its replayed site jobs on it and the evaluation its predictions, so identical work is
+    done once."""
+    digest = hashlib.sha256(salt)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_weights(path: os.PathLike | str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:

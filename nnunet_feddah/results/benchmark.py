@@ -13,7 +13,6 @@ strategy's ``wall_s`` so every strategy is charged as if it had run alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.registry import FEDDAH_ABLATIONS, STRATEGIES
 from nnunet_feddah.nnunet.datasets import nnunet_folders
-from nnunet_feddah.nnunet.weights import load_weights, save_weights
+from nnunet_feddah.nnunet.weights import load_weights, save_weights, weights_digest
 from nnunet_feddah.paths import nnunet_env
 from nnunet_feddah.results.fcl_metrics import nanmean
 from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
@@ -45,13 +44,8 @@ DEFAULT_STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder"
 
 def job_key(job: SiteJob) -> str:
     """Identity of a site job: same key ⇒ same training input (data, seed, settings and start weights)."""
-    digest = hashlib.sha256(json.dumps([job.site, job.round, job.task, job.settings], sort_keys=True).encode())
-    for name in sorted(job.weights):
-        tensor = job.weights[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
+    return weights_digest(job.weights, salt=json.dumps([job.site, job.round, job.task, job.settings],
+                                                      sort_keys=True).encode())
 
 
 class ReplayingExecutor:
@@ -251,7 +245,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
     """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
-    from nnunet_feddah.results.evaluate import evaluate_state, run_stats, write_evaluation
+    from nnunet_feddah.results.evaluate import ResultCache, evaluate_state, run_stats, write_evaluation
     from nnunet_feddah.results.report import format_metric
 
     if phantom:
@@ -259,6 +253,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
     executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device), store=work / "replay")
+    predictions: ResultCache = {}  # one seed's held-out cases: identical weights are evaluated once
     results: dict[str, tuple[dict, dict]] = {}
     work.mkdir(parents=True, exist_ok=True)
     for name in strategies:
@@ -271,7 +266,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
             replayed_before, run_start = executor.replayed_s, time.perf_counter()
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
-        evaluation = evaluate_state(variant, state, device, log=lambda *_: None)
+        evaluation = evaluate_state(variant, state, device, log=lambda *_: None, cache=predictions)
         write_evaluation(out / f"seed_{plan.seed}" / name, evaluation)
         stats = run_stats(state)
         wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
@@ -284,7 +279,8 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         log(f"[bench] seed {plan.seed} {name:<21} final Dice {format_metric(evaluation['final_mean_dice'])} "
             f"forgetting {format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run "
             f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation "
-            f"{evaluation['seconds']:.0f} s")
+            f"{evaluation['seconds']:.0f} s ({evaluation['evaluations']['run']} task-site evaluations run, "
+            f"{evaluation['evaluations']['reused']} reused)")
     if centralized:
         results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, base, device, log=log)
     if counts is not None:

@@ -139,10 +139,21 @@ def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
     return files
 
 
+#: Results of :func:`evaluate_task` by (site, task, :func:`~nnunet_feddah.nnunet.weights.weights_digest`).
+ResultCache = dict[tuple[str, str, str], dict[str, Any]]
+
+
 def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: str = "cpu",
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Dice matrices (per site and mean), per-organ Dice over time and FCL metrics of one coordinator state."""
+                   log: Callable[[str], None] = print, cache: ResultCache | None = None) -> dict[str, Any]:
+    """Dice matrices (per site and mean), per-organ Dice over time and FCL metrics of one coordinator state.
+
+    Bit-identical weights give identical predictions, so a task whose weights did not change between two
+    time steps (a baseline's idle task), or that two strategies of one benchmark seed hold alike (round 1's
+    average), is predicted once: ``cache`` carries the results across calls on the same held-out cases
+    (default: within this state only). ``evaluations`` in the result counts the predictions run and reused.
+    """
     from nnunet_feddah.nnunet.network import is_head
+    from nnunet_feddah.nnunet.weights import weights_digest
 
     started = time.perf_counter()
     state_dir = Path(state_dir)
@@ -157,6 +168,8 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
     details: dict[str, Any] = {}
     strategy_name = None
     torch_device = torch.device(device)
+    cache = {} if cache is None else cache
+    counts = {"run": 0, "reused": 0}
     for j, round_index in enumerate(steps):
         strategy = checkpoint.load_strategy(files[round_index], fingerprint, is_head)
         strategy_name = strategy.name
@@ -170,8 +183,15 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
                 if not test_set.can_evaluate(task):
                     continue
                 weights = strategy.weights_at_site(site, task.key)
-                model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key, torch_device)
-                result = evaluate_task(test_set, model)
+                key = (site, task.key, weights_digest(weights))
+                if key in cache:
+                    counts["reused"] += 1
+                else:
+                    model = TaskModel.from_weights(test_set.shared, weights, list(task.labels), task.key,
+                                                   torch_device)
+                    cache[key] = evaluate_task(test_set, model)
+                    counts["run"] += 1
+                result = cache[key]
                 per_site[site][i, j] = result["dice"]
                 for organ, value in result["organs"].items():
                     organ_values.setdefault(organ, {}).setdefault(site, [math.nan] * len(steps))[j] = value
@@ -194,6 +214,7 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
         "cases": {s: sorted(t.images) for s, t in test_sets.items()},
         **metrics,
         "details": details,
+        "evaluations": counts,
         "seconds": time.perf_counter() - started,
     }
 

@@ -187,8 +187,8 @@ class TaskModel:
 
     def logits(self, image: PreparedImage) -> torch.Tensor:
         """The 16 AMOS-slot logits in the preprocessed geometry (sliding window, on the CPU afterwards)."""
-        with torch.no_grad(), net.paired_cpu_batches(self.predictor.network):
-            return self.predictor.predict_logits_from_preprocessed_data(image.data).cpu()
+        self.predictor.network.load_state_dict(self.predictor.list_of_parameters[0])
+        return net.sliding_window_logits(self.predictor, image.data).cpu()
 
     def predict(self, image: PreparedImage, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map in AMOS ids (original image geometry) and, if asked, the 16-channel probabilities."""
