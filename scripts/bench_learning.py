@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: learning curves of every organ task the demo and the benchmark use (single site, 5 seeds).
 
-    python scripts/bench_learning.py                 # 4 organs x 5 seeds x 900 it, bundled CPU plans (~60 min on 2 cores)
+    python scripts/bench_learning.py                 # 4 organs x 5 seeds x 1400 it, bundled CPU plans (~70 min on 2 cores)
     python scripts/bench_learning.py --seeds 0 --organs kidneys --iterations 300
     python scripts/bench_learning.py --donor kidneys --organs liver spleen pancreas --iterations 300 --chunk 100
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=defaults.chunk, help="iterations between evaluations")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.initial_lr)
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=defaults.cpu_precision,
+                        help="training precision on CPU (bfloat16 needs native support, else float32 runs)")
     parser.add_argument("--template", default=defaults.plans_template, help="bundled plans template or a path")
     parser.add_argument("--train-cases", type=int, default=defaults.num_train,
                         help="phantom training cases (held-out cases stay at 4); use a fresh --work per value")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     os.environ.update(nnunet_env(work))
     settings = CurveSettings(organs=tuple(args.organs), seeds=tuple(args.seeds), iterations=args.iterations,
-                             chunk=args.chunk, optimizer=args.optimizer, initial_lr=args.lr,
+                             chunk=args.chunk, optimizer=args.optimizer, initial_lr=args.lr, cpu_precision=args.precision,
                              plans_template=args.template, num_train=args.train_cases, device=args.device, donor=args.donor,
                              donor_iterations=args.donor_iterations)
     started = time.perf_counter()

@@ -55,6 +55,7 @@ def test_benchmark_stream_is_the_papers_protocol() -> None:
     kidneys = Task.parse("kidneys")
     assert plan.active_sites(1) == plan.active_sites(2) == {s: kidneys for s in ("site1", "site2", "site3")}
     assert [plan.epochs_in(r) * plan.local.iterations_per_epoch for r in range(1, 5)] == [600, 100, 100, 100]
+    assert plan.local.cpu_precision == "bfloat16"  # every strategy and the centralized reference alike
     assert task_iterations(plan) == {"kidneys": 3 * 600 + 3 * 100 + 100, "liver": 100, "spleen": 300, "pancreas": 300}
     # the centralized reference starts every later task from the donor FedDAH's allocation would pick
     assert [d.key for d in reference_donors(plan, "kidneys")] == []

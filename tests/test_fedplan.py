@@ -55,6 +55,7 @@ def test_shipped_phantom_plan_parses_and_matches_the_demo():
     assert {s.stream[0].key for s in plan.sites if s.join_round == 1} == {"liver"}  # the shared first task
     assert plan.rounds_per_step == 2 and plan.local.epochs == 1 and plan.local.iterations_per_epoch == 120
     assert plan.local.optimizer == "adamw" and plan.local.lr_schedule == "per-task"
+    assert plan.local.cpu_precision == "bfloat16"  # the learning curves' setting (docs/TRAINER.md)
     assert plan.fingerprint_round is not None and plan.fingerprint_round.template == "cpu"  # plans from every site
     assert plan.total_epochs == 2 * 2 * 1  # default: longest stream x rounds_per_step x epochs
     first_seen: dict[str, set[int]] = {}

@@ -43,17 +43,18 @@ class CurveSettings:
 
     organs: tuple[str, ...] = ("kidneys", "liver", "spleen", "pancreas")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    iterations: int = 900
-    chunk: int = 300
+    iterations: int = 1400  # ≈ 3 minutes of training at bfloat16 on this project's 2-core CPU (docs/TRAINER.md)
+    chunk: int = 350
     optimizer: str = "adamw"
     initial_lr: float = 3e-3
+    cpu_precision: str = "bfloat16"  # as the bundled phantom plans (docs/TRAINER.md, "Speed on CPU")
     num_train: int = 8
     num_test: int = 4
     first_dataset_id: int = 801
     plans_template: str = "cpu"
     device: str = "cpu"
     donor: str | None = None  # start every organ from this task's trained network (same seed)
-    donor_iterations: int = 900  # how long the donor itself is trained from scratch
+    donor_iterations: int = 1400  # how long the donor itself is trained from scratch (its plain curve)
     keep_chunks: bool = False  # keep every chunk's weights (real trained snapshots for scripts/bench_server.py)
 
     def target(self, organ: str) -> float:
@@ -141,7 +142,8 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
                              output_metrics=str(out_dir / f"chunk_{k:02d}.json"), initial_weights=previous,
                              epochs=1, iterations_per_epoch=settings.chunk, val_iterations_per_epoch=1,
                              epoch_offset=k, total_epochs=chunks, initial_lr=settings.initial_lr, validate=False,
-                             seed=seed * 1000 + k, optimizer=settings.optimizer)
+                             seed=seed * 1000 + k, optimizer=settings.optimizer,
+                             cpu_precision=settings.cpu_precision)
         metrics = train_round(dataset_id, plans_identifier, config, device=settings.device)
         train_s += metrics["wall_time_s"]["train"]
         weights, _ = load_weights(config.output_weights)
@@ -150,7 +152,7 @@ def run_curve(settings: CurveSettings, organ: str, seed: int, dataset_id: int, p
         previous = config.output_weights
         scores = score(weights)
         rows.append({"iterations": (k + 1) * settings.chunk, "dice": scores["dice"], "organs": scores["organs"],
-                     "train_s": train_s, "train_loss": metrics["train_loss"]})
+                     "train_s": train_s, "train_loss": metrics["train_loss"], "precision": metrics["precision"]})
         log(f"[curve] {organ + (f' from {settings.donor}' if settings.donor else ''):<9} seed {seed}  {(k + 1) * settings.chunk:5d} it  Dice {scores['dice']:.3f}  "
             f"loss {metrics['train_loss']:+.3f}  {train_s:5.0f} s of training")
     atomic_write_json(done, rows)
