@@ -180,6 +180,21 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
     assert (mini_bench["out"] / "strategy_comparison.png").is_file()
 
 
+def test_a_resumed_finished_run_reuses_its_evaluation_in_another_report(mini_bench):
+    """What --quick evaluated, the default run (another report folder, same runs) does not predict again."""
+    from nnunet_feddah.results.benchmark import run_benchmark
+
+    lines: list[str] = []
+    out = mini_bench["tmp"] / "report_again"
+    run_benchmark(mini_bench["plan"], ("feddah", "local"), [3], mini_bench["tmp"] / "bench", out, phantom=False,
+                  centralized=False, log=lines.append)
+    runs = [line for line in lines if line.startswith("[bench] seed 3")]
+    assert len(runs) == 2 and all("evaluation of the finished run reused" in line for line in runs), runs
+    first = json.loads((mini_bench["out"] / "seed_3" / "local" / "evaluation.json").read_text())
+    again = json.loads((out / "seed_3" / "local" / "evaluation.json").read_text())
+    assert again["dice_matrix"] == first["dice_matrix"] and again["state"] == first["state"]
+
+
 def _export(mini_bench, tmp: Path) -> tuple[Path, str]:
     from nnunet_feddah.results.export import export_tasks
 

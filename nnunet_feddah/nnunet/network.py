@@ -206,8 +206,9 @@ def cpu_sliding_window(predictor, data: torch.Tensor, tiles_per_batch: int = CPU
     Everything else is nnU-Net's: its padding (``pad_nd_image``), its tile positions
     (``_internal_get_sliding_window_slicers``, step ``predictor.tile_step_size``), its Gaussian importance
     weights (``compute_gaussian``), its float16 accumulators filled tile by tile in the same order and its
-    test-time mirroring when the predictor has it — so the logits equal ``predict_logits_from_preprocessed_data``'s
-    up to the rounding of a batched convolution (tests/test_network_and_weights.py compares them).
+    test-time mirroring when the predictor has it. A tile's logits do not depend on its batch partner, so in pairs
+    the result is bit-identical to nnU-Net's predictor on doubled one-tile batches (tests/test_network_and_weights.py);
+    other group sizes change oneDNN's blocking and with it the float32 rounding.
     """
     patch = tuple(predictor.configuration_manager.patch_size)
     padded, unpad = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)

@@ -8,7 +8,9 @@ Training is shared where it is provably identical: a site job is keyed by (site,
 settings incl. seed, exact bytes of the weights sent). Strategies that send the same weights for the
 same job (round 1 of every strategy starts from the same initial network) reuse the first strategy's
 trained upload instead of training again; the replayed training time is added to the reusing
-strategy's ``wall_s`` so every strategy is charged as if it had run alone.
+strategy's ``wall_s`` so every strategy is charged as if it had run alone. A finished run's evaluation is
+kept beside it (``<work>/evaluations/<strategy>/``) and reused when the run is resumed unchanged, e.g. by the
+default run after a ``--quick`` one.
 """
 
 from __future__ import annotations
@@ -245,7 +247,14 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
     """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
-    from nnunet_feddah.results.evaluate import ResultCache, evaluate_state, run_stats, write_evaluation
+    from nnunet_feddah.results.evaluate import (
+        EVALUATION_FILE,
+        ResultCache,
+        evaluate_state,
+        run_stats,
+        saved_evaluation,
+        write_evaluation,
+    )
     from nnunet_feddah.results.report import format_metric
 
     if phantom:
@@ -266,7 +275,15 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
             replayed_before, run_start = executor.replayed_s, time.perf_counter()
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
-        evaluation = evaluate_state(variant, state, device, log=lambda *_: None, cache=predictions)
+        kept = work / "evaluations" / name  # beside the run, so a quick and a default report share it
+        evaluation = resumed_finished and saved_evaluation(kept / EVALUATION_FILE, state)
+        if evaluation:
+            evaluated = "evaluation of the finished run reused"
+        else:
+            evaluation = evaluate_state(variant, state, device, log=lambda *_: None, cache=predictions)
+            write_evaluation(kept, evaluation)
+            evaluated = (f"evaluation {evaluation['seconds']:.0f} s ({evaluation['evaluations']['run']} task-site "
+                         f"evaluations run, {evaluation['evaluations']['reused']} reused)")
         write_evaluation(out / f"seed_{plan.seed}" / name, evaluation)
         stats = run_stats(state)
         wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
@@ -278,9 +295,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         results[name] = (evaluation, stats)
         log(f"[bench] seed {plan.seed} {name:<21} final Dice {format_metric(evaluation['final_mean_dice'])} "
             f"forgetting {format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run "
-            f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), evaluation "
-            f"{evaluation['seconds']:.0f} s ({evaluation['evaluations']['run']} task-site evaluations run, "
-            f"{evaluation['evaluations']['reused']} reused)")
+            f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), {evaluated}")
     if centralized:
         results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, base, device, log=log)
     if counts is not None:

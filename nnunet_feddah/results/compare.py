@@ -71,7 +71,7 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
     """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
-    from nnunet_feddah.results.evaluate import evaluate_state
+    from nnunet_feddah.results.evaluate import evaluate_state, saved_evaluation
 
     if not (first_state / "checkpoint.json").is_file():
         raise ComparisonError(f"--state {first_state}: no checkpoint.json; run the federation into it first")
@@ -89,8 +89,8 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
         coordinator.run(executor)
     log(f"[compare] {strategy}: {executor.trained} site rounds trained here, {executor.replayed} replayed from "
         f"{sites_work}")
-    first = _saved_evaluation(first_evaluation, first_state) or evaluate_state(plan, first_state, device,
-                                                                               log=lambda *_: None)
+    first = saved_evaluation(first_evaluation, first_state) or evaluate_state(plan, first_state, device,
+                                                                              log=lambda *_: None)
     second = evaluate_state(variant, state, device, log=lambda *_: None)
     result = {"strategies": [plan.strategy.name, strategy], "old_tasks": first["old_tasks"],
               "final_dice": {plan.strategy.name: first["final_dice"], strategy: second["final_dice"]},
@@ -102,14 +102,6 @@ def compare(plan: FederationPlan, first_state: Path, sites_work: Path, out: Path
               "seconds": time.perf_counter() - started}
     atomic_write_json(out / COMPARISON_FILE, result)
     return result
-
-
-def _saved_evaluation(path: Path | None, state: Path) -> dict[str, Any] | None:
-    """An evaluation.json of ``state`` (None when absent or written for another state folder)."""
-    if path is None or not Path(path).is_file():
-        return None
-    saved = json.loads(Path(path).read_text())
-    return saved if saved.get("state") == str(Path(state).resolve()) else None
 
 
 def format_comparison(result: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ for speed on CPU; the same for every strategy).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -269,6 +270,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def saved_evaluation(path: os.PathLike | str | None, state_dir: os.PathLike | str) -> dict[str, Any] | None:
+    """The ``evaluation.json`` at ``path`` if it was written for ``state_dir`` (else None): a finished state that
+    has not changed since need not be predicted again."""
+    if path is None or not Path(path).is_file():
+        return None
+    saved = json.loads(Path(path).read_text())
+    same = saved.get("format") == EVALUATION_FORMAT and saved.get("state") == str(Path(state_dir).resolve())
+    return saved if same else None
 
 
 def write_evaluation(out_dir: os.PathLike | str, evaluation: Mapping[str, Any]) -> Path:

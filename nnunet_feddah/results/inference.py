@@ -165,6 +165,7 @@ class TaskModel:
                                              verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         self.predictor.manual_initialization(network.to(device), shared.plans_manager, shared.configuration_manager,
                                              [dict(state_dict)], shared.dataset_json, TRAINER_NAME, mirroring)
+        network.load_state_dict(state_dict)  # nnU-Net loads it per prediction; the sliding window here does not
 
     @classmethod
     def from_weights(cls, shared: SharedPlans, weights: Mapping[str, torch.Tensor], organs: Sequence[int],
@@ -187,7 +188,6 @@ class TaskModel:
 
     def logits(self, image: PreparedImage) -> torch.Tensor:
         """The 16 AMOS-slot logits in the preprocessed geometry (sliding window, on the CPU afterwards)."""
-        self.predictor.network.load_state_dict(self.predictor.list_of_parameters[0])
         return net.sliding_window_logits(self.predictor, image.data).cpu()
 
     def predict(self, image: PreparedImage, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
