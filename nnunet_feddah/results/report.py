@@ -408,7 +408,7 @@ def _plot(plt: Any, out_dir: Path, report: Mapping[str, Any]) -> list[Path]:
     curves = {name: matrix_stats(_seed_matrices(entry)) for name, entry in strategies.items()}
     tasks = list(dict.fromkeys(t for tasks, *_ in curves.values() for t in tasks))
     steps_all = sorted({s for _, steps, *_ in curves.values() for s in steps})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 2.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1.8, 2.8), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks, strict=True):
         for name, (m_tasks, m_steps, mean, ci) in curves.items():
             if task in m_tasks:
@@ -419,7 +419,7 @@ def _plot(plt: Any, out_dir: Path, report: Mapping[str, Any]) -> list[Path]:
         ax.set_xticks(steps_all)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("Dice (mean ± 95 % CI over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the curves
     path = out_dir / "dice_over_time.png"
     _save(fig, path)
     plt.close(fig)
@@ -437,7 +437,9 @@ def _plot(plt: Any, out_dir: Path, report: Mapping[str, Any]) -> list[Path]:
         ax.axvline(0, color="k", lw=0.6)
         if key == "final_mean_dice":
             ax.set_xlim(0, 1)
-        ax.invert_yaxis()
+        # fixed rows, top to bottom: a panel whose last bars are NaN (centralized has no forgetting) would
+        # otherwise autoscale to fewer rows and its bars would drift against the names of the first panel
+        ax.set_ylim(len(names) - 0.5, -0.5)
     for ax in axes[1:]:
         ax.set_yticklabels([])
     path = out_dir / "strategy_comparison.png"
