@@ -242,6 +242,20 @@ def test_check_targets_reads_the_means():
     assert any(line.startswith("FAIL  fedavg forgetting") for line in lines)  # mean 0.030 is not clear
 
 
+def test_check_targets_does_not_order_strategies_inside_their_interval():
+    from nnunet_feddah.results.benchmark import check_targets
+
+    def no_ws(seed: int, shift: float) -> tuple[dict, dict]:
+        evaluation, stats = _feddah(seed)
+        return {**evaluation, "final_mean_dice": FEDDAH_DICE[seed] + shift}, stats
+
+    close = {s: {"feddah": _feddah(s), "feddah-noWs": no_ws(s, (0.03, -0.01, 0.01)[s])} for s in (0, 1, 2)}
+    (ws_line,) = [line for line in check_targets(build_report(close, "b")) if "−Ws" in line]
+    assert ws_line.startswith("UNRESOLVED  full ≥ −Ws: 0.740 vs 0.750") and "unresolved" in ws_line
+    clearly_lower = {s: {"feddah": _feddah(s), "feddah-noWs": no_ws(s, -0.05 - 0.001 * s)} for s in (0, 1, 2)}
+    assert "PASS  full ≥ −Ws: 0.740 vs 0.689" in check_targets(build_report(clearly_lower, "b"))
+
+
 def test_auroc_and_spearman_on_a_hand_made_table():
     from nnunet_feddah.results.ws_pairs import auroc, spearman, summarise
 

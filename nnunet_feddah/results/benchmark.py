@@ -35,7 +35,7 @@ from nnunet_feddah.nnunet.datasets import nnunet_folders
 from nnunet_feddah.nnunet.weights import load_weights, save_weights, weights_digest
 from nnunet_feddah.paths import nnunet_env
 from nnunet_feddah.results.fcl_metrics import nanmean
-from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
+from nnunet_feddah.results.report import CENTRALIZED, format_difference, markdown_table, write_report
 
 QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task-donor")
 #: The default run: issue 12's protocol (FedDAH, the ablations of its three components, the four baselines).
@@ -337,8 +337,10 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
     """The issue's targets as PASS/FAIL lines (only those whose strategies were run).
 
     Reads the per-strategy means over seeds of :mod:`nnunet_feddah.results.report` (kept under the metric
-    keys); the intervals and paired differences are in the report table, not in these lines.
+    keys); the intervals and paired differences are in the report table. A comparison between two strategies
+    whose paired difference is unresolved over seeds reads UNRESOLVED rather than PASS or FAIL.
     """
+
     s = report["strategies"]
     lines = []
 
@@ -364,8 +366,13 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
         line(val("fedavg", "forgetting") > 0.05, f"fedavg forgetting {val('fedavg', 'forgetting'):+.3f} (must be clear, "
                                                  f"> 0.05)")
     if "feddah" in s and "feddah-noWs" in s:
-        line(val("feddah", "final_mean_dice") >= val("feddah-noWs", "final_mean_dice"),
-             f"full ≥ −Ws: {val('feddah', 'final_mean_dice'):.3f} vs {val('feddah-noWs', 'final_mean_dice'):.3f}")
+        text = f"full ≥ −Ws: {val('feddah', 'final_mean_dice'):.3f} vs {val('feddah-noWs', 'final_mean_dice'):.3f}"
+        paired = s["feddah-noWs"].get("paired_vs_feddah", {}).get("final_mean_dice")
+        if paired and paired.get("ci95") is not None and not paired.get("resolved"):
+            # two means inside one interval are not an ordering: say so instead of PASS or FAIL
+            lines.append(f"UNRESOLVED  {text}, paired −Ws − full {format_difference(paired)}")
+        else:
+            line(val("feddah", "final_mean_dice") >= val("feddah-noWs", "final_mean_dice"), text)
     if "feddah" in s and "feddah-noLR" in s:
         old = s["feddah"].get("old_tasks", [])
         line(_old_mean(s["feddah"], old) > _old_mean(s["feddah-noLR"], old),
