@@ -195,7 +195,7 @@ def test_coordinate_reports_a_damaged_state_once(committed_state, tmp_path, phan
 # --- 4. hostile uploads ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["cases_huge", "cases_string", "cases_zero", "cases_bool", "cases_missing",
                                   "metrics_list", "mean_dice_string", "dice_list", "iterations_float", "seconds_nan",
-                                  "all_zero", "times_1_99", "dtype", "not_tensors"])
+                                  "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors"])
 def test_hostile_uploads_are_rejected(base, kind):
     coordinator = _open(Path("/nonexistent-unused"), base)
     job = coordinator.jobs(1)["a"]
@@ -218,12 +218,17 @@ def test_hostile_uploads_are_rejected(base, kind):
         bad.weights = {k: torch.zeros_like(v) for k, v in good.weights.items()}
     elif kind == "times_1_99":
         bad.weights = {k: v * 1.99 for k, v in job.weights.items()}
+    elif kind == "unrelated":  # another network of the same norms (relative change ~1.41): only the change bound sees it
+        draw = torch.Generator().manual_seed(0)
+        bad.weights = {k: (r := torch.randn(v.shape, generator=draw, dtype=v.dtype)) * (v.norm() / r.norm().clamp_min(1e-12))
+                       for k, v in job.weights.items()}
     elif kind == "dtype":
         name = next(iter(bad.weights))
         bad.weights[name] = bad.weights[name].double()
     else:
         bad.weights = {k: v.numpy() for k, v in good.weights.items()}
-    with pytest.raises(UploadRejected):
+    expected = {"unrelated": "relative change 1.4", "times_1_99": "norm is 1.990"}.get(kind, "")
+    with pytest.raises(UploadRejected, match=expected):
         validate_upload(job, bad, coordinator.max_relative_change, max_training_cases=4)
 
 

@@ -28,13 +28,18 @@ from nnunet_feddah.method.registry import make_strategy
 from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
-DEFAULT_MAX_RELATIVE_CHANGE = 1.0
+# Sanity bounds on an upload, not a Byzantine defence: they sit between what honest training was measured to do
+# and the corruptions tests/test_faults.py sends. Measured 2026-12-06 on the phantom benchmark (bfloat16 CPU plan,
+# AdamW 3e-3): a 600-iteration first round from nnU-Net's initialisation moves the weights by 0.87-0.98 (relative
+# L2) and grows their norm 1.33-1.40x with the per-task LR schedule, and by up to 1.10 and 1.49x with the
+# federation-wide one; later rounds (from a trained start) move them 0.2-0.6. Replacing every tensor by an
+# unrelated one of the same norm moves the weights by ~1.41 (orthogonal directions); scaling them by 1.99 moves
+# them by 0.99 at a norm ratio of 1.99. Until that measurement the bounds were 1.0 and 1.5, which rejected honest
+# first rounds under the federation-wide schedule.
+DEFAULT_MAX_RELATIVE_CHANGE = 1.25
 DEFAULT_ROUND_ATTEMPTS = 3  # a round in which every site failed is tried this often before the run stops
-# An upload's weight norm may differ from what was sent by at most this factor either way. Measured: a
-# first round of 100 nnU-Net iterations from the initial weights (CPU plan, lr 1e-2) moved the weights by
-# 0.19 (relative L2) at a norm ratio of 1.01, so 1.5 leaves room for far longer rounds while refusing a
-# collapse to zero or a blown-up upload (weights x 1.99 passes the change bound of 1.0 at 0.99).
-NORM_RATIO_BOUND = 1.5
+# An upload's weight norm may differ from what was sent by at most this factor either way.
+NORM_RATIO_BOUND = 1.75
 
 
 @dataclass
@@ -139,7 +144,9 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
     change = norm({k: result.weights[k].double() - job.weights[k].double() for k in job.weights}) / max(
         norm(job.weights), 1e-12)
     if change > max_relative_change:
-        raise UploadRejected(f"relative change {change:.3f} of the weights exceeds the bound {max_relative_change}")
+        raise UploadRejected(f"relative change {change:.3f} of the weights exceeds the bound {max_relative_change} "
+                             f"(if the site trained honestly, e.g. a long first round from nnU-Net's initialisation, "
+                             f"raise the coordinator's --max-relative-change)")
     ratio = norm(result.weights) / max(norm(job.weights), 1e-12)
     if not 1 / NORM_RATIO_BOUND <= ratio <= NORM_RATIO_BOUND:
         raise UploadRejected(f"the weights' norm is {ratio:.3f}× what was sent, outside [1/{NORM_RATIO_BOUND}, "
