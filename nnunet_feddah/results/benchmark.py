@@ -275,6 +275,9 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
             replayed_before, run_start = executor.replayed_s, time.perf_counter()
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
+        wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
+        if not resumed_finished:  # saved before the evaluation, so an interrupted evaluation does not lose it
+            atomic_write_json(wall_file, {"wall_s": run_s + (executor.replayed_s - replayed_before)})
         kept = work / "evaluations" / name  # beside the run, so a quick and a default report share it
         evaluation = resumed_finished and saved_evaluation(kept / EVALUATION_FILE, state)
         if evaluation:
@@ -286,9 +289,6 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
                          f"evaluations run, {evaluation['evaluations']['reused']} reused)")
         write_evaluation(out / f"seed_{plan.seed}" / name, evaluation)
         stats = run_stats(state)
-        wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
-        if not resumed_finished:
-            atomic_write_json(wall_file, {"wall_s": run_s + (executor.replayed_s - replayed_before)})
         if wall_file.is_file():
             stats["wall_s"] = json.loads(wall_file.read_text())["wall_s"]
         stats["evaluation_s"] = evaluation["seconds"]
