@@ -340,7 +340,6 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
     keys); the intervals and paired differences are in the report table. A comparison between two strategies
     whose paired difference is unresolved over seeds reads UNRESOLVED rather than PASS or FAIL.
     """
-
     s = report["strategies"]
     lines = []
 
