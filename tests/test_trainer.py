@@ -76,18 +76,47 @@ def test_nnunetv2_train_finds_the_trainer_and_trains_from_a_weights_file(phantom
     assert results["labels"] == {"background": 0, "right kidney": 1, "left kidney": 2}
 
 
-def test_in_process_round_learns_and_continues_the_lr_curve(phantom_federation, tmp_path):
+def test_in_process_round_learns_and_continues_the_lr_curve(phantom_federation, tmp_path, monkeypatch):
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
     from nnunet_feddah.nnunet.trainer import train_round
 
+    plotted_after_epochs = []
+    nnunet_plot = LocalLogger.plot_progress_png
+    monkeypatch.setattr(LocalLogger, "plot_progress_png", lambda self, folder: (
+        plotted_after_epochs.append(len(self.my_fantastic_logging["train_losses"])), nnunet_plot(self, folder)))
     fed, site = phantom_federation, phantom_federation["partial"]
     config = _round(tmp_path, task="liver", epochs=2, iterations_per_epoch=4, epoch_offset=10, total_epochs=20)
     metrics = train_round(site, fed["plans"], config)
+    # nnU-Net's progress plot is drawn once per round, after its last epoch, not after every epoch
+    assert plotted_after_epochs == [2]
+    assert (_results_folder(fed, site) / "fold_0" / "progress.png").is_file()
     lrs = metrics["learning_rates"]
     assert lrs == pytest.approx([1e-2 * (1 - e / 20) ** 0.9 for e in (10, 11)], rel=1e-6)
     assert metrics["train_loss_per_epoch"][1] < metrics["train_loss_per_epoch"][0]
     assert metrics["cases_per_organ"] == {"liver": 5}
     tensors, _ = load_weights(tmp_path / "out" / "w.safetensors")
     assert tensors["decoder.seg_layers.0.bias"].shape == (2,)
+
+
+def test_nnunet_loader_limits_thread_pools_as_before_from_a_cached_scan():
+    """nnU-Net augments each batch with every thread pool limited to 1 thread; the trainer only caches the scan."""
+    import threadpoolctl
+    from nnunetv2.training.dataloading import data_loader
+
+    import nnunet_feddah.nnunet.trainer as trainer
+
+    assert data_loader.threadpool_limits is trainer._threadpool_limits_cached
+
+    def threads() -> dict[str, int]:
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()}
+
+    before = threads()
+    with data_loader.threadpool_limits(limits=1, user_api=None):
+        inside, torch_inside = threads(), torch.get_num_threads()
+    assert set(inside) == set(before) and any(lib["user_api"] == "openmp" for lib in threadpoolctl.threadpool_info())
+    assert set(inside.values()) == {1} and torch_inside == 1
+    assert threads() == before
 
 
 def test_in_process_round_takes_the_config_object_not_the_environment(phantom_federation, tmp_path, monkeypatch):
