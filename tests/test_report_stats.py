@@ -256,6 +256,33 @@ def test_check_targets_does_not_order_strategies_inside_their_interval():
     assert "PASS  full ≥ −Ws: 0.740 vs 0.689" in check_targets(build_report(clearly_lower, "b"))
 
 
+def test_check_targets_judges_the_per_task_ratio_and_the_old_tasks_on_paired_seeds():
+    from nnunet_feddah.results.benchmark import check_targets
+
+    def shifted(seed: int, shift: float) -> tuple[dict, dict]:
+        """FedDAH's numbers moved by ``shift``: the final mean and every Dice of the matrix."""
+        evaluation, stats = _feddah(seed)
+        matrix = evaluation["dice_matrix"]
+        values = [[None if v is None else v + shift for v in row] for row in matrix["values"]]
+        return {**evaluation, "final_mean_dice": FEDDAH_DICE[seed] + shift,
+                "dice_matrix": {**matrix, "values": values}}, stats
+
+    def targets(shifts: tuple[float, ...], name: str, text: str) -> str:
+        results = {s: {"feddah": _feddah(s), name: shifted(s, shifts[s])} for s in (0, 1, 2)}
+        (found,) = [line for line in check_targets(build_report(results, "b")) if text in line]
+        return found
+
+    # per-seed ratios 0.96 / 1.0 / 0.95 around the 0.97 target: inside their interval
+    noisy = tuple(FEDDAH_DICE[s] / r - FEDDAH_DICE[s] for s, r in enumerate((0.96, 1.0, 0.95)))
+    assert targets(noisy, "fedavg-per-task", "× fedavg-per-task").startswith("UNRESOLVED  feddah final mean Dice")
+    assert targets((0.2, 0.21, 0.22), "fedavg-per-task", "× fedavg-per-task").startswith("FAIL  ")
+    assert targets((-0.1, -0.11, -0.12), "fedavg-per-task", "× fedavg-per-task").startswith("PASS  ")
+    # old tasks (liver; seed 0 has no final liver Dice, so two seeds pair): −LR 0.05 lower vs ±0.05 around
+    assert targets((0.0, -0.05, -0.051), "feddah-noLR", "−LR on old tasks").startswith("PASS  full > −LR")
+    unresolved = targets((0.0, 0.05, -0.06), "feddah-noLR", "−LR on old tasks")
+    assert unresolved.startswith("UNRESOLVED  full > −LR") and "paired full − (−LR)" in unresolved
+
+
 def test_auroc_and_spearman_on_a_hand_made_table():
     from nnunet_feddah.results.ws_pairs import auroc, spearman, summarise
 
