@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: learning curves of every organ task the demo and the benchmark use (single site, 5 seeds).
 
-    python scripts/bench_learning.py                 # 4 organs x 5 seeds x 1400 it, bundled CPU plans (~70 min on 2 cores)
+    python scripts/bench_learning.py                 # 4 organs x 5 seeds x 1400 it, bundled CPU plans (~55-70 min on 2 cores)
     python scripts/bench_learning.py --seeds 0 --organs kidneys --iterations 300
     python scripts/bench_learning.py --donor kidneys --organs liver spleen pancreas --iterations 300 --chunk 100
 
