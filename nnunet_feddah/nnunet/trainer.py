@@ -11,7 +11,11 @@ or the file named by ``$FEDDAH_ROUND_CONFIG`` under ``nnUNetv2_train``):
   (``optimizer: adamw``) the AdamW of nnU-Net's own ``nnUNetTrainerAdam``;
 * optionally (``device_augmentation`` / ``$FEDDAH_DEVICE_AUGMENTATION``) run nnU-Net's training augmentation
   on the training device on whole batches: the loader workers then only crop and remap labels;
+* draw nnU-Net's progress plot once, when the round's training has ended, not after every epoch;
 * write the trained unique tensors and a metrics JSON (per-organ validation Dice, loss, times).
+
+Importing it also lets nnU-Net's loader take its per-batch thread-pool limits from threadpoolctl's cached
+library scan (same limits, 2.9 ms less per batch on CPU).
 
 Without a round config it is an ordinary nnU-Net trainer over every organ the dataset annotates,
 still writing ``feddah_weights.safetensors`` and ``feddah_metrics.json`` into the fold folder.
