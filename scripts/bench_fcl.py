@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.federation.plan_reader import load_plan
     from nnunet_feddah.method.registry import STRATEGIES
     from nnunet_feddah.paths import nnunet_env
-    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES, check_targets, run_benchmark
+    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES, run_benchmark
+    from nnunet_feddah.results.targets import check_targets
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(REPO / "plans" / "phantom_bench.json"))

@@ -35,16 +35,13 @@ from nnunet_feddah.nnunet.datasets import nnunet_folders
 from nnunet_feddah.nnunet.weights import load_weights, save_weights, weights_digest
 from nnunet_feddah.paths import nnunet_env
 from nnunet_feddah.results.fcl_metrics import nanmean
-from nnunet_feddah.results.report import CENTRALIZED, format_difference, markdown_table, write_report
-from nnunet_feddah.results.stats import paired_difference
+from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
 
 QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task-donor")
 #: The default run: issue 12's protocol (FedDAH, the ablations of its three components, the four baselines).
 #: The finer ablations (W_s variants, composed starts) have their own runs: docs/EVALUATION.md.
 DEFAULT_STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg", "fedavg-per-task",
                       "fedavg-per-task-donor", "local")
-#: FedDAH's final mean Dice must reach this fraction of fedavg-per-task's (one network per task, no forgetting).
-PER_TASK_RATIO_TARGET = 0.97
 
 
 def job_key(job: SiteJob) -> str:
@@ -334,75 +331,3 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], seeds: Sequen
                           **counts, **report_extra)
     log(markdown_table(json.loads(report.read_text())))
     return report
-
-
-def check_targets(report: Mapping[str, Any]) -> list[str]:
-    """The issue's targets as PASS/FAIL lines (only those whose strategies were run).
-
-    Reads the per-strategy means over seeds of :mod:`nnunet_feddah.results.report` (kept under the metric
-    keys); the intervals and paired differences are in the report table. A target that orders two
-    strategies, or a ratio of two against its threshold, is judged on the paired per-seed difference too:
-    where its 95 % interval contains 0 the line reads UNRESOLVED rather than PASS or FAIL.
-    """
-    s = report["strategies"]
-    lines = []
-
-    def line(ok: bool, text: str) -> None:
-        lines.append(f"{'PASS' if ok else 'FAIL'}  {text}")
-
-    def ordered(ok: bool, text: str, paired: Mapping[str, Any] | None, what: str) -> None:
-        if paired and paired.get("ci95") is not None and not paired.get("resolved"):
-            # two means inside one interval are not an ordering: say so instead of PASS or FAIL
-            lines.append(f"UNRESOLVED  {text}, paired {what} {format_difference(paired)}")
-        else:
-            line(ok, text)
-
-    def val(name: str, key: str) -> float:
-        value = s[name][key]
-        return float("nan") if value is None else value
-
-    if "feddah" in s and "fedavg-per-task" in s:
-        ratio = val("feddah", "final_mean_dice") / max(val("fedavg-per-task", "final_mean_dice"), 1e-9)
-        ratios = {seed: mine / max(theirs, 1e-9) for seed, (mine, theirs)
-                  in _paired_seed_values(s["feddah"], s["fedavg-per-task"], "final_mean_dice").items()}
-        ordered(ratio >= PER_TASK_RATIO_TARGET,
-                f"feddah final mean Dice = {ratio:.3f} × fedavg-per-task (target ≥ {PER_TASK_RATIO_TARGET})",
-                paired_difference(ratios, dict.fromkeys(ratios, PER_TASK_RATIO_TARGET)),
-                f"ratio − {PER_TASK_RATIO_TARGET}")
-        line(s["feddah"]["server_bytes"] < s["fedavg-per-task"]["server_bytes"],
-             f"feddah server memory {s['feddah']['server_bytes'] / 1e6:.2f} MB vs fedavg-per-task "
-             f"{s['fedavg-per-task']['server_bytes'] / 1e6:.2f} MB")
-    if "feddah" in s:
-        line(val("feddah", "forgetting") <= 0.01, f"feddah forgetting {val('feddah', 'forgetting'):+.3f} (target ≤ 0.01)")
-        if s["feddah"].get("update_lost_max") is not None:
-            line(val("feddah", "update_lost_max") <= 0.01, f"feddah update lost ≤ 1 % of the round's update for every "
-                 f"accepted upload: worst {val('feddah', 'update_lost_max'):.4f}")
-    if "fedavg" in s:
-        line(val("fedavg", "forgetting") > 0.05, f"fedavg forgetting {val('fedavg', 'forgetting'):+.3f} (must be clear, "
-                                                 f"> 0.05)")
-    if "feddah" in s and "feddah-noWs" in s:
-        ordered(val("feddah", "final_mean_dice") >= val("feddah-noWs", "final_mean_dice"),
-                f"full ≥ −Ws: {val('feddah', 'final_mean_dice'):.3f} vs {val('feddah-noWs', 'final_mean_dice'):.3f}",
-                s["feddah-noWs"].get("paired_vs_feddah", {}).get("final_mean_dice"), "−Ws − full")
-    if "feddah" in s and "feddah-noLR" in s:
-        old = s["feddah"].get("old_tasks", [])
-        ours, theirs = _old_mean(s["feddah"], old), _old_mean(s["feddah-noLR"], old)
-        per_seed = {name: {seed: _old_mean(entry, old) for seed, entry in (s[name].get("per_seed") or {}).items()}
-                    for name in ("feddah", "feddah-noLR")}
-        ordered(ours > theirs, f"full > −LR on old tasks {old}: {ours:.3f} vs {theirs:.3f}",
-                paired_difference(per_seed["feddah"], per_seed["feddah-noLR"]), "full − (−LR)")
-    return lines
-
-
-def _paired_seed_values(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> dict[str, tuple[float, float]]:
-    """``{seed: (a's value, b's value)}`` of one metric, over the seeds where both strategies have a number."""
-    left, right = a.get("per_seed") or {}, b.get("per_seed") or {}
-    return {seed: (left[seed][key], right[seed][key]) for seed in left
-            if seed in right and left[seed].get(key) is not None and right[seed].get(key) is not None}
-
-
-def _old_mean(entry: Mapping[str, Any], old: Sequence[str]) -> float:
-    matrix = entry["dice_matrix"]
-    values = [matrix["values"][matrix["tasks"].index(t)][-1] for t in old if t in matrix["tasks"]]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
