@@ -7,7 +7,7 @@ difference's 95 % interval contains 0 the two strategies cannot be told apart an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nnunet_feddah.results.report import format_difference
@@ -44,8 +44,9 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
 
     if "feddah" in s and "fedavg-per-task" in s:
         ratio = val("feddah", "final_mean_dice") / max(val("fedavg-per-task", "final_mean_dice"), 1e-9)
-        ratios = {seed: mine / max(theirs, 1e-9) for seed, (mine, theirs)
-                  in _paired_seed_values(s["feddah"], s["fedavg-per-task"], "final_mean_dice").items()}
+        mine, theirs = (_per_seed(s[name], lambda e: e.get("final_mean_dice")) for name in ("feddah", "fedavg-per-task"))
+        ratios = {seed: value / max(theirs[seed], 1e-9) for seed, value in mine.items()
+                  if value is not None and theirs.get(seed) is not None}
         ordered(ratio >= PER_TASK_RATIO_TARGET,
                 f"feddah final mean Dice = {ratio:.3f} × fedavg-per-task (target ≥ {PER_TASK_RATIO_TARGET})",
                 paired_difference(ratios, dict.fromkeys(ratios, PER_TASK_RATIO_TARGET)),
@@ -68,18 +69,15 @@ def check_targets(report: Mapping[str, Any]) -> list[str]:
     if "feddah" in s and "feddah-noLR" in s:
         old = s["feddah"].get("old_tasks", [])
         ours, theirs = _old_mean(s["feddah"], old), _old_mean(s["feddah-noLR"], old)
-        per_seed = {name: {seed: _old_mean(entry, old) for seed, entry in (s[name].get("per_seed") or {}).items()}
-                    for name in ("feddah", "feddah-noLR")}
         ordered(ours > theirs, f"full > −LR on old tasks {old}: {ours:.3f} vs {theirs:.3f}",
-                paired_difference(per_seed["feddah"], per_seed["feddah-noLR"]), "full − (−LR)")
+                paired_difference(*(_per_seed(s[name], lambda e: _old_mean(e, old)) for name in ("feddah", "feddah-noLR"))),
+                "full − (−LR)")
     return lines
 
 
-def _paired_seed_values(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> dict[str, tuple[float, float]]:
-    """``{seed: (a's value, b's value)}`` of one metric, over the seeds where both strategies have a number."""
-    left, right = a.get("per_seed") or {}, b.get("per_seed") or {}
-    return {seed: (left[seed][key], right[seed][key]) for seed in left
-            if seed in right and left[seed].get(key) is not None and right[seed].get(key) is not None}
+def _per_seed(entry: Mapping[str, Any], value: Callable[[Mapping[str, Any]], Any]) -> dict[str, Any]:
+    """``{seed: value(that seed's entry)}`` of one strategy of the report."""
+    return {seed: value(seed_entry) for seed, seed_entry in (entry.get("per_seed") or {}).items()}
 
 
 def _old_mean(entry: Mapping[str, Any], old: Sequence[str]) -> float:
