@@ -19,8 +19,8 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   per organ), not one site's upload.
 * **Exact while active** (``exact_residuals="active"``): after the generators are refitted, what they
   cannot express of ``W*`` is kept as the task's exact residual, so the weights sent next reproduce the
-  round's aggregation; a task that gets no upload in a round is compressed once (its residual dropped;
-  the loss is reported). ``"never"`` keeps only the generators, ``"always"`` never compresses.
+  round's aggregation; a task that gets no upload in a round is compressed once: its residual is
+  quantised to ``idle_bits`` per weight (0: dropped), and what that loses is reported. ``"never"`` keeps only the generators, ``"always"`` never compresses.
 * **Recalibration** minimises ``L_hyper = L_task + β·L_R`` with
   ``L_task = ‖g_T(θ) − g*_T‖²`` and ``L_R = Σ_{t≠T} ‖g_t(θ) − g_t(θ_before)‖²`` over the generator
   outputs ``g`` (dense deltas, low-rank factors aligned by Procrustes, head rows), in two stages:
@@ -53,6 +53,7 @@ from nnunet_feddah.method.aggregate import (
 )
 from nnunet_feddah.method.dahyper import DAHyper
 from nnunet_feddah.method.donor import FittedTask, composed_embedding, donor_start
+from nnunet_feddah.method.quantize import BITS, dequantize_all, quantize_all
 from nnunet_feddah.method.recalibration import CodeFit, TasksBefore, fit_codes, generator_targets, refit_generator
 from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 
@@ -85,6 +86,9 @@ class AMRConfig:
     max_history_weight: float = 0.5  # weights: W_s = max_history_weight · (1 − JS)
     js_bins: int = 32
     exact_residuals: str = "active"  # keep what the generators miss while a task is trained ("never", "always")
+    # bits per weight of what the generators miss once a task goes idle (0: dropped, the rank-r generators alone);
+    # judged by held-out Dice against the exact model (docs/METHOD.md §5b)
+    idle_bits: int = 4
     # where a new task starts (docs/METHOD.md): "donor" fits a copy of the most organ-sharing task; "composed"
     # generates it from the mean embedding of its organs' fitted tasks, jittered by composition_jitter·σ
     new_task_start: str = "donor"
@@ -107,6 +111,8 @@ class AMRConfig:
         if self.exact_residuals not in EXACT_RESIDUALS:
             raise ValueError(f"AMRConfig.exact_residuals must be one of {EXACT_RESIDUALS}, "
                              f"got {self.exact_residuals!r}")
+        if self.idle_bits not in (0, *BITS):
+            raise ValueError(f"AMRConfig.idle_bits must be 0 (drop) or one of {BITS}, got {self.idle_bits!r}")
         if not 0 <= self.max_history_weight <= 1 or not 0 <= self.fixed_similarity <= 1:
             raise ValueError("AMRConfig: history weights must lie in [0, 1]")
 
@@ -161,6 +167,12 @@ class AMR:
     def __init__(self, hyper: DAHyper, config: AMRConfig | None = None) -> None:
         self.hyper = hyper
         self.config = config or AMRConfig()
+        if self.config.new_task_start == "composed" and not hyper.config.generators:
+            raise ValueError("AMRConfig.new_task_start='composed' generates a task from its organs' embeddings and "
+                             "needs DAHyperConfig.generators=True")
+        if self.config.exact_residuals != "active" and not hyper.config.generators:
+            raise ValueError(f"AMRConfig.exact_residuals={self.config.exact_residuals!r} needs the generators; "
+                             f"without them every task is held by its residual ('active')")
         self.compressed: list[dict] = []  # tasks compressed by the last update_round, with what it cost
 
     # ------------------------------------------------------------------ allocation of new tasks
@@ -280,6 +292,8 @@ class AMR:
     def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> tuple[int, float | None]:
         """Refit the hypernetwork to ``target`` under ``β·L_R``: optimiser steps, and the share of the task's
         generator-output error its first stage explained with generators learned before (closed form only)."""
+        if not self.hyper.config.generators:  # a plain store: the task's residual holds all of it
+            return 0, None
         others = [t for t in self.hyper.tasks if t != key]
         if self.config.solver == "closed_form":
             fit = self._solve_closed_form(key, target, others)
@@ -292,19 +306,24 @@ class AMR:
             return
         generated = self.hyper.generate(key, with_residual=False)
         self.hyper.residuals[key] = {k: target[k] - v for k, v in generated.items() if v.is_floating_point()}
+        self.hyper.idle.pop(key, None)  # active again: the exact residual replaces the quantised one
 
     def _compress_idle(self, trained: set[str], round_index: int | None) -> list[dict]:
-        """Drop the residual of every task without an upload this round; what each drop cost, measured."""
-        hyper = self.hyper
+        """Quantise (or drop) the residual of every task without an upload this round; what each costs."""
+        hyper, bits = self.hyper, self.config.idle_bits
         events = []
         for key in sorted(set(hyper.residuals) - trained):
             exact = hyper.generate(key)
             residual = hyper.residuals.pop(key)
+            if bits:
+                hyper.idle[key] = quantize_all(residual, bits)
+            kept = dequantize_all(hyper.idle[key]) if bits else {}
+            lost = norm({k: v - kept[k] if k in kept else v for k, v in residual.items()})
             base = hyper.base_view(key)
-            events.append({"task": key, "round": round_index,
-                           "lost_of_delta": norm(residual) / max(norm({k: exact[k] - v for k, v in base.items()
-                                                                       if v.is_floating_point()}), 1e-30),
-                           "lost_of_weights": norm(residual) / max(norm(exact), 1e-30)})
+            events.append({"task": key, "round": round_index, "bits": bits,
+                           "lost_of_delta": lost / max(norm({k: exact[k] - v for k, v in base.items()
+                                                             if v.is_floating_point()}), 1e-30),
+                           "lost_of_weights": lost / max(norm(exact), 1e-30)})
         return events
 
     def _bookkeep(self, rounds: Mapping[str, Sequence[Contribution]], round_index: int | None) -> None:

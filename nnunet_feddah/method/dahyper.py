@@ -21,8 +21,9 @@ Plain torch: it knows tensor names and shapes, never nnU-Net. The structure (see
 
 * **Exact residual of an active task** (``residuals``): what the generators cannot express of the task's
   latest aggregation target, stored as full tensors while the task is being trained, so that a round's
-  work reaches the next round whole. AMR drops it when the task goes idle (docs/METHOD.md); it counts in
-  :meth:`DAHyper.nbytes` and in the checkpoint.
+  work reaches the next round whole. When the task goes idle AMR replaces it by its **quantised remainder**
+  (``idle``: a few bits per weight, :mod:`.quantize`), or drops it where ``idle_bits = 0``
+  (docs/METHOD.md §5b); both count in :meth:`DAHyper.nbytes` and in the checkpoint.
 
 Why a shared base plus deltas instead of generating every weight from scratch: fidelity comes first
 (a generated model worse than the upload throws away a site's work), and a hypernetwork that must emit
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nnunet_feddah.errors import FedDAHError
+from nnunet_feddah.method.quantize import QuantizedTensor, dequantize_all, from_tensors, to_tensors
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 BACKGROUND = 0
@@ -57,6 +59,9 @@ class DAHyperConfig:
     organ_embedding_dim: int = 8  # k: organ embedding for head rows
     num_organ_slots: int = 16  # background + AMOS organs 1..15 (head rows of the base network)
     layer_encoder: bool = True  # inter-layer consistency encoder F on/off (ablation)
+    # False: no stage 1 and no generators — every task is the base plus its own remainder (exact while active,
+    # quantised once idle): the plain per-task store the generators were measured to equal (docs/METHOD.md §2)
+    generators: bool = True
     embedding_mean: float = 0.0  # μ_z
     embedding_std: float = 1.0  # σ
     seed: int = 0
@@ -159,7 +164,7 @@ class DAHyper:
             unit = Unit(name, shape, _unit_kind(name, shape, head, tensor.is_floating_point(), cfg.rank))
             self.units.append(unit)
             self.base[name] = tensor.detach().to("cpu").clone()
-            if unit.kind == "fixed":
+            if unit.kind == "fixed" or not cfg.generators:
                 continue
             self.params[f"{name}::E"] = torch.randn(h, cfg.embedding_dim, generator=generator) / math.sqrt(
                 cfg.embedding_dim)
@@ -171,12 +176,13 @@ class DAHyper:
                 self.params[f"{name}::GB"] = torch.zeros(n * cfg.rank, h)
             else:
                 self.params[f"{name}::G"] = torch.zeros(unit.row_numel, h * cfg.organ_embedding_dim)
-        # drawn either way, so that switching the encoder off changes nothing but the encoder
-        self.params["encoder::F"] = torch.randn(h, h, generator=generator) / math.sqrt(h) * float(cfg.layer_encoder)
-        self.params["organs::embedding"] = torch.randn(cfg.num_organ_slots, cfg.organ_embedding_dim,
-                                                       generator=generator)
+        if cfg.generators:  # drawn either way, so that switching the encoder off changes nothing but the encoder
+            self.params["encoder::F"] = torch.randn(h, h, generator=generator) / math.sqrt(h) * float(cfg.layer_encoder)
+            self.params["organs::embedding"] = torch.randn(cfg.num_organ_slots, cfg.organ_embedding_dim,
+                                                           generator=generator)
         self.embeddings: dict[str, torch.Tensor] = {}
         self.residuals: dict[str, dict[str, torch.Tensor]] = {}  # task -> exact remainder while it is active
+        self.idle: dict[str, dict[str, QuantizedTensor]] = {}  # task -> quantised remainder once it went idle
         self.tasks: dict[str, TaskRecord] = {}
         self._generator = generator
         self.has_base_fit = False  # becomes True when the base is set from the first fitted round
@@ -190,7 +196,8 @@ class DAHyper:
         if bad or not organs:
             raise ValueError(f"task {key!r}: organ ids must be 1..{self.config.num_organ_slots - 1}, got {list(organs)}")
         cfg = self.config
-        self._ensure_capacity(key, len(self.tasks) + 1)
+        if cfg.generators:
+            self._ensure_capacity(key, len(self.tasks) + 1)
         self.embeddings[key] = cfg.embedding_mean + cfg.embedding_std * torch.randn(cfg.embedding_dim,
                                                                                     generator=self._generator)
         record = TaskRecord(key, [int(o) for o in organs], first_round=round_index)
@@ -200,8 +207,8 @@ class DAHyper:
     # ------------------------------------------------------------------ capacity
     @property
     def code_size(self) -> int:
-        """The current code size h (``config.code_dim`` until the tasks make it grow)."""
-        return self.params["encoder::F"].shape[0]
+        """The current code size h (``config.code_dim`` until the tasks make it grow; 0 without generators)."""
+        return self.params["encoder::F"].shape[0] if "encoder::F" in self.params else 0
 
     def _ensure_capacity(self, key: str, num_tasks: int) -> None:
         """Grow the code so ``num_tasks`` + headroom fit, or refuse; growing leaves every output unchanged.
@@ -334,16 +341,25 @@ class DAHyper:
                  embedding: torch.Tensor | None = None, with_residual: bool = True) -> dict[str, torch.Tensor]:
         """The complete weights of the task's network: ``{unique name: tensor}``, heads with 1+K rows.
 
-        ``with_residual=False`` gives what the generators alone produce (what is left once the task's exact
-        residual is dropped)."""
+        ``with_residual=False`` gives what the generators alone produce (without the task's exact residual
+        or, for an idle task, its quantised remainder)."""
         if key not in self.tasks:
             raise KeyError(f"task {key!r} is not registered; known tasks: {sorted(self.tasks) or 'none'}")
+        residual = self.remainder(key) if with_residual else {}
+        if not self.config.generators:
+            return {k: v + residual[k] if k in residual else v.clone() for k, v in self.base_view(key).items()}
         codes = self.codes(key, params, embedding)
         slots = self.tasks[key].output_slots
-        residual = self.residuals.get(key, {}) if with_residual else {}
         with torch.set_grad_enabled(params is not None):
             out = {u.name: self.generate_unit(u, codes.get(u.name), slots, params) for u in self.units}
         return {k: v + residual[k] if k in residual else v for k, v in out.items()}
+
+    def remainder(self, key: str) -> dict[str, torch.Tensor]:
+        """What is added to the generators' output for a task: its exact residual while it is active, its
+        dequantised remainder once it went idle, nothing where neither is kept."""
+        if key in self.residuals:
+            return self.residuals[key]
+        return dequantize_all(self.idle[key]) if key in self.idle else {}
 
     # ------------------------------------------------------------------ checks
     def check_target(self, key: str, target: Mapping[str, torch.Tensor], source: str = "target") -> None:
@@ -359,7 +375,8 @@ class DAHyper:
     def nbytes(self) -> int:
         tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values(),
                    *(v for r in self.residuals.values() for v in r.values())]
-        return sum(v.numel() * v.element_size() for v in tensors)
+        quantized = sum(q.nbytes for r in self.idle.values() for q in r.values())
+        return sum(v.numel() * v.element_size() for v in tensors) + quantized
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -368,8 +385,11 @@ class DAHyper:
         tensors.update({f"base/{k}": v for k, v in self.base.items()})
         tensors.update({f"embedding/{k}": v for k, v in self.embeddings.items()})
         tensors.update({f"residual/{t}/{k}": v for t, r in self.residuals.items() for k, v in r.items()})
+        for task, remainder in self.idle.items():
+            tensors.update(to_tensors(f"idle/{task}/", remainder))
         tensors["rng/state"] = self._generator.get_state()
         info = {
+            "idle_bits": {task: next(iter(r.values())).bits for task, r in self.idle.items() if r},
             "config": asdict(self.config),
             "units": [[u.name, list(u.shape), u.kind] for u in self.units],
             "tasks": [asdict(t) for t in self.tasks.values()],
@@ -392,6 +412,10 @@ class DAHyper:
             if name.startswith("residual/"):
                 _, task, unit = name.split("/", 2)
                 hyper.residuals.setdefault(task, {})[unit] = tensor.clone()
+        for task, bits in info.get("idle_bits", {}).items():
+            shapes = {k: v for k, v in hyper.output_shapes(task).items()
+                      if f"idle/{task}/{k}/codes" in tensors}
+            hyper.idle[task] = from_tensors(f"idle/{task}/", tensors, shapes, int(bits))
         hyper._generator.set_state(tensors["rng/state"].clone())
         hyper.has_base_fit = bool(info["has_base_fit"])
         return hyper
