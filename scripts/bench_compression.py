@@ -55,7 +55,7 @@ def feddah_form(plans: Mapping, donor: Weights, organ: str, labels: list[int], e
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
     from nnunet_feddah.organs import Task
 
-    config = DAHyperConfig(rank=rank) if rank else DAHyperConfig(generators=False)
+    config = DAHyperConfig(generators=True, rank=rank) if rank else DAHyperConfig(generators=False)
     amr = AMR(DAHyper(hypernet_base(plans), is_head, config), AMRConfig(idle_bits=bits))
     amr.allocate(DONOR, list(Task.parse(DONOR).labels), round_index=0)
     amr.update(DONOR, donor, round_index=0, source="site")

@@ -36,7 +36,7 @@ from nnunet_feddah.paths import nnunet_env
 NEW_TASK = "kidneys+liver"
 ARMS = {"donor": ({}, {}), "composed": ({}, {"new_task_start": "composed"}),
         "composed-noencoder": ({"layer_encoder": False}, {"new_task_start": "composed"})}
-CPU_PLAN_HYPER = {"rank": 8}  # what the bundled CPU-plan federations use (plans/phantom_*.json)
+CPU_PLAN_HYPER = {"generators": True, "rank": 8}  # the generators as the bundled CPU plans set their rank
 
 
 def starts(plans: dict, kidneys: dict, liver: dict) -> dict[str, dict[str, torch.Tensor]]:

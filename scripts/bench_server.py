@@ -1,6 +1,8 @@
 """Benchmark of the coordinator's side as tasks accumulate: memory, fidelity on the update, old-task drift,
-the share of each task the hypernetwork itself carries, and update time, for T = 1, 5, 15, 32, 64 tasks on
-the CPU and the AMOS plan; then what compressing an idle task costs in held-out Dice, per DAHyper rank.
+the share of each task the hypernetwork itself carries, and update time, for T = 1, 5, 15, 32, 64, 100 tasks on
+the CPU and the AMOS plan, with DAHyper's generators (``cpu``, ``amos``) and as the plain per-task store
+(``cpu-store``, ``amos-store``). What an idle task's stored form costs in held-out Dice is
+``scripts/bench_compression.py``.
 
 Prints numbers, asserts nothing. Targets (never low-rank synthetic ones):
 
@@ -10,24 +12,24 @@ Prints numbers, asserts nothing. Targets (never low-rank synthetic ones):
   bundled plans, nnU-Net's loop and the per-task schedule of :mod:`nnunet_feddah.results.learning_curve`,
   every chunk's weights kept (cached under ``<out dir>/bench_server/pool``). A snapshot's *change* is its
   weights minus its run's start: 4 × ``chunks`` real changes per seed, 64 with the defaults. Task t of the
-  stream has the organs of change ``t mod 64`` and uploads what AMR allocated it plus that change.
+  stream has the organs of change ``t mod 64`` (with 100 tasks, later tasks reuse the changes) and uploads what AMR allocated it plus that change.
 * **AMOS plan — full-rank synthetic changes.** No AMOS-sized network trains on this machine: every tensor of
   the allocated weights gets a dense random change of 5 % of its norm (nothing a rank-r store holds exactly).
 
 Stream (both plans): one new task per round, one upload each (a new site's first fit of the task, so the
 upload is the task's target ``W*``); the previous task gets no upload that round, goes idle and is compressed
-(its exact residual dropped), which is the moment its *reference* is taken. At each checkpoint T:
+(its exact residual quantised to ``idle_bits``, AMR's default), which is the moment its *reference* is taken. At each checkpoint T:
 
 * ``MB`` / ``÷ T models``: everything DAHyper holds (:meth:`DAHyper.nbytes`: base, generators, projections,
-  encoder, embeddings, the active task's residual) against T separate fp32 models of the tasks' own shapes;
+  encoder, embeddings, the active task's residual, the idle tasks' quantised remainders) against T separate fp32 models of the tasks' own shapes;
 * ``update_lost``: max over all uploads of ``‖generated − W*‖ / ‖W* − sent‖`` (the previous issue's rule, 1 %);
 * ``carried``: mean share of a task's delta ``W* − base`` the generators hold without the residual, at its fit
-  (``AMRReport.delta_carried``), and ``idle loss``: mean share of its delta dropped when it went idle;
+  (``AMRReport.delta_carried``), and ``idle loss``: mean share of its delta lost when it went idle;
 * ``drift``: max over the idle tasks of ``‖generated now − reference‖ / ‖W* − base‖`` (target ≤ 1e-3), and
   the same relative to the task's own round change ``‖W* − sent‖`` (stricter);
 * ``update s``: median seconds of the updates since the previous checkpoint.
 
-    .venv/bin/python scripts/bench_server.py [--quick] [--plans cpu amos] [--no-ranks] [--out work/bench/bench_server.json]
+    .venv/bin/python scripts/bench_server.py [--quick] [--plans cpu cpu-store amos amos-store] [--out work/bench/bench_server.json]
 """
 
 from __future__ import annotations
@@ -45,16 +47,20 @@ from pathlib import Path
 
 import torch
 
-from nnunet_feddah.method.aggregate import Contribution, change_lost, norm
+from nnunet_feddah.method.aggregate import Contribution, norm
 from nnunet_feddah.method.amr import AMR, AMRConfig
 from nnunet_feddah.method.dahyper import DAHyper, DAHyperConfig
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir, nnunet_env
 
 Weights = dict[str, torch.Tensor]
-CHECKPOINTS = (1, 5, 15, 32, 64)
-#: plan name -> (bundled template, DAHyper parameters the federation plans of that template use)
-PLANS: dict[str, tuple[str, dict]] = {"cpu": ("template_cpu.json", {"rank": 8}), "amos": ("template_amos.json", {})}
+CHECKPOINTS = (1, 5, 15, 32, 64, 100)
+#: stream name -> (bundled template, DAHyper parameters): the generators as the CPU federation plans set them
+#: (rank 8) and as the defaults (AMOS), and the plain per-task store (``generators=False``) on both plans
+PLANS: dict[str, tuple[str, dict]] = {"cpu": ("template_cpu.json", {"generators": True, "rank": 8}),
+                                      "amos": ("template_amos.json", {"generators": True}),
+                                      "cpu-store": ("template_cpu.json", {"generators": False}),
+                                      "amos-store": ("template_amos.json", {"generators": False})}
 DONOR = "kidneys"
 FROM_DONOR = ("liver", "spleen", "pancreas")
 DONOR_CHUNK, ORGAN_CHUNK = 50, 25
@@ -164,42 +170,6 @@ def _measure(amr: AMR, tasks: int, recent: Sequence, reports: Sequence, referenc
     }
 
 
-# ---------------------------------------------------------------------------------------------- rank vs Dice
-def rank_costs(runs: Sequence, ranks: Sequence[int], log: Callable[[str], None]) -> list[dict]:
-    """Per seed and organ trained from the donor: fit the donor, then the organ's final snapshot, let the organ
-    go idle (compressed), and compare held-out Dice of the compressed weights with the upload's, per rank."""
-    from nnunet_feddah.nnunet.weights import load_weights
-    from nnunet_feddah.organs import Task
-    from nnunet_feddah.results.learning_curve import held_out_scorer
-
-    out = []
-    donors = {run.seed: run for run in runs if run.organ == DONOR}
-    for run in (r for r in runs if r.organ != DONOR):
-        seed, organ, plans = run.seed, run.organ, run.plans
-        donor, _ = load_weights(donors[seed].final)
-        final, _ = load_weights(run.final)
-        labels = list(Task.parse(organ).labels)
-        score = held_out_scorer(run.dataset_id, run.plans_identifier, organ)
-
-        def dice(weights: Mapping[str, torch.Tensor], score=score) -> float:
-            return score(weights)["dice"]
-
-        row = {"seed": seed, "organ": organ, "dice_upload": dice(final)}
-        for rank in ranks:
-            amr = AMR(DAHyper(hypernet_base(plans), is_head, DAHyperConfig(rank=rank)), AMRConfig())
-            amr.allocate(DONOR, list(Task.parse(DONOR).labels), round_index=0)
-            amr.update(DONOR, donor, round_index=0, source="site")
-            amr.allocate(organ, labels, round_index=1)
-            amr.update(organ, final, round_index=1, source="site")
-            amr.update(DONOR, donor, round_index=2, source="site")  # the organ gets no upload: compressed
-            compressed = amr.hyper.generate(organ)
-            row[f"rank{rank}"] = {"dice": dice(compressed), "idle_loss": amr.compressed[0]["lost_of_delta"],
-                                  "lost_of_upload_change": change_lost(amr.hyper.base_view(organ), final, compressed)}
-        log(f"[bench]   ranks {organ} seed {seed}: {json.dumps(row)}")
-        out.append(row)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- output
 def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
@@ -218,19 +188,6 @@ def stream_table(name: str, rows: Sequence[dict], note: str) -> str:
     return "\n".join(lines)
 
 
-def rank_table(rows: Sequence[dict], ranks: Sequence[int]) -> str:
-    lines = ["| seed | organ | Dice(upload) | " + " | ".join(f"rank {r}: Dice / idle loss" for r in ranks) + " |",
-             "|---|---|---|" + "---|" * len(ranks)]
-    for row in rows:
-        cells = [f"{fmt(row[f'rank{r}']['dice'])} / {fmt(row[f'rank{r}']['idle_loss'], 2)}" for r in ranks]
-        lines.append(f"| {row['seed']} | {row['organ']} | {fmt(row['dice_upload'])} | {' | '.join(cells)} |")
-    for r in ranks:
-        losses = [row["dice_upload"] - row[f"rank{r}"]["dice"] for row in rows]
-        lines.append(f"\nrank {r}: Dice(upload) − Dice(compressed) mean {statistics.fmean(losses):+.4f}, "
-                     f"max {max(losses):+.4f} over {len(losses)} tasks")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 chunks per run, T up to 15")
@@ -238,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="phantom/training seeds of the real changes (default 0 1)")
     parser.add_argument("--chunks", type=int, help="snapshots per run (default 8, --quick 4)")
     parser.add_argument("--tasks", type=int, help="stream length (default 64, --quick 15)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], help="ranks of the Dice-vs-rank part")
-    parser.add_argument("--no-ranks", action="store_true", help="skip the Dice-vs-rank part")
     parser.add_argument("--out", type=Path, default=Path("work/bench/bench_server.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -258,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     changes: list[Change] = []
     runs: list = []
-    if "cpu" in args.plans or not args.no_ranks:
+    if any(name.startswith("cpu") for name in args.plans):
         t = time.perf_counter()
         with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
             changes, runs = real_changes(pool, seeds, chunks, log)
@@ -270,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         file, hyper_params = PLANS[name]
         base = hypernet_base(json.loads((bundled_plans_dir() / file).read_text()))
-        if name == "cpu":
+        if name.startswith("cpu"):
             def change_of(i: int, allocated: Weights) -> tuple[list[int], Weights]:
                 c = changes[i % len(changes)]
                 return c.organs, c.delta
@@ -284,20 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             notes[name] = f"full-rank synthetic changes (5 % of each tensor's norm), DAHyper {hyper_params or 'defaults'}"
         log(f"[bench] {name} plan stream, {tasks} tasks")
         results["streams"][name] = run_stream(base, hyper_params, tasks, checkpoints, change_of,
-                                              drift_every=1 if name == "cpu" else 4, log=log)
+                                              drift_every=1 if name.startswith("cpu") else 4, log=log)
         results["seconds"][name] = time.perf_counter() - t
-    if not args.no_ranks:
-        t = time.perf_counter()
-        with open(args.out.parent / "bench_server_nnunet.log", "a") as chatter, contextlib.redirect_stdout(chatter):
-            results["ranks"] = rank_costs(runs, args.ranks, log)
-        results["seconds"]["ranks"] = time.perf_counter() - t
     results["seconds"]["total"] = time.perf_counter() - begin
     results["load_average_end"] = os.getloadavg()
     for name, rows in results["streams"].items():
         print(stream_table(f"{name} plan", rows, notes[name]) + "\n")
-    if "ranks" in results:
-        print("Compressing an idle task (CPU plan, real final snapshots, held-out Dice on 4 cases):\n")
-        print(rank_table(results["ranks"], args.ranks) + "\n")
     if changes:
         dice = [c.dice for c in changes]
         print(f"real changes: {len(changes)}, held-out Dice of their snapshots {min(dice):.3f}–{max(dice):.3f} "

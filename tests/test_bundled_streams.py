@@ -110,10 +110,10 @@ def test_benchmark_strategies_keep_feddahs_parameters_and_baselines_get_their_de
         assert dict(plan_for(plan, name).strategy.params) == {}
 
 
-def test_the_benchmarks_default_run_is_feddah_its_three_ablations_and_the_four_baselines() -> None:
+def test_the_benchmarks_default_run_is_feddah_the_generators_two_ablations_and_the_four_baselines() -> None:
     from nnunet_feddah.method.registry import STRATEGIES
     from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES
 
-    assert set(DEFAULT_STRATEGIES) == {"feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg",
+    assert set(DEFAULT_STRATEGIES) == {"feddah", "feddah-hypernet", "feddah-noLR", "feddah-noWs", "fedavg",
                                        "fedavg-per-task", "fedavg-per-task-donor", "local"}
     assert set(QUICK_STRATEGIES) < set(DEFAULT_STRATEGIES) <= set(STRATEGIES)

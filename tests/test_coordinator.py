@@ -190,3 +190,8 @@ def test_ablation_names_force_their_switch(base):
     composed_without = make_strategy("feddah-composed-noencoder", {}, base, is_head)
     assert composed_without.amr.config.new_task_start == "composed" and not composed_without.hyper.config.layer_encoder
     assert make_strategy("feddah-noLR", {"rank": 8}, base, is_head).hyper.config.rank == 8
+    # FedDAH itself is the store (no generators); the variants that are about the generators switch them on
+    assert not make_strategy("feddah", {"rank": 8}, base, is_head).hyper.config.generators
+    for name in ("feddah-hypernet", "feddah-noLR", "feddah-noencoder", "feddah-composed", "feddah-idleLowrank"):
+        assert make_strategy(name, {}, base, is_head).hyper.config.generators, name
+    assert make_strategy("feddah-idleLowrank", {}, base, is_head).amr.config.idle_bits == 0

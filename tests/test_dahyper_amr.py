@@ -1,4 +1,5 @@
-"""DAHyper + AMR on the CPU plan's real network shapes with random (low-rank) targets — seconds, no data."""
+"""DAHyper's generators (``generators=True``, the paper's hypernetwork, kept as ablations) + AMR on the CPU plan's
+real network shapes with random (low-rank) targets — seconds, no data."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def base(plans) -> dict:
 
 
 def make_amr(base, beta: float = 1.0, **config) -> AMR:
-    return AMR(DAHyper(base, is_head, DAHyperConfig(**config)), AMRConfig(beta=beta))
+    return AMR(DAHyper(base, is_head, DAHyperConfig(generators=True, **config)), AMRConfig(beta=beta))
 
 
 def trained_like(hyper: DAHyper, key: str, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ def test_historical_regulariser_protects_old_tasks_and_ablation_forgets(base):
 
 def test_weight_histogram_similarity_prefers_near_copies(base, plans):
     """The pre-2026-12-02 reading, kept as ``similarity="weights"``: similar weight histograms → more history."""
-    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="weights"))
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True)), AMRConfig(similarity="weights"))
     amr.allocate("liver", [6])
     amr.update("liver", trained_like(amr.hyper, "liver", 1, scale=1.0), round_index=1, source="a")
     history = amr.hyper.generate("liver")
@@ -122,7 +123,7 @@ def test_weight_histogram_similarity_prefers_near_copies(base, plans):
     unrelated = {k: (v[[0, 6]] if is_head(k) else v) for k, v in fresh.items()}
     assert js_divergence(history, near) < 0.01 < js_divergence(history, unrelated)
     report_near = amr.update("liver", near, round_index=2, source="b")
-    hyper2 = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="weights"))
+    hyper2 = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True)), AMRConfig(similarity="weights"))
     hyper2.allocate("liver", [6])
     hyper2.update("liver", history, round_index=1, source="a")
     report_far = hyper2.update("liver", unrelated, round_index=2, source="b")
@@ -157,7 +158,7 @@ def test_case_weighted_history_is_fedavg_across_time(base):
     """similarity="cases": history counts as its training cases, W* = (n_h S + Σ n_i W_i) / (n_h + Σ n_i)."""
     from nnunet_feddah.method.aggregate import Contribution
 
-    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(similarity="cases"))
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True)), AMRConfig(similarity="cases"))
     amr.allocate("liver", [6])
     amr.update_round({"liver": [Contribution("a", trained_like(amr.hyper, "liver", 1, scale=1.0), 6)]}, 1)
     sent = amr.hyper.generate("liver")
@@ -271,8 +272,8 @@ def test_factor_targets_are_aligned_with_what_the_task_generates(base):
 
 
 def test_encoder_switch_changes_codes_only_when_enabled(base):
-    with_encoder = DAHyper(base, is_head, DAHyperConfig(layer_encoder=True))
-    without = DAHyper(base, is_head, DAHyperConfig(layer_encoder=False))
+    with_encoder = DAHyper(base, is_head, DAHyperConfig(generators=True, layer_encoder=True))
+    without = DAHyper(base, is_head, DAHyperConfig(generators=True, layer_encoder=False))
     assert torch.count_nonzero(without.params["encoder::F"]) == 0
     assert torch.count_nonzero(with_encoder.params["encoder::F"]) > 0
     assert all(torch.equal(without.params[k], v) for k, v in with_encoder.params.items() if k != "encoder::F")
@@ -336,10 +337,10 @@ def test_round_combines_changes_by_training_cases_and_weighs_a_new_source_by_ws(
 
 
 def test_compression_modes(base):
-    """'active' drops an idle task's residual (reported), 'never' keeps none, 'always' keeps every one."""
+    """'active' compresses an idle task's residual (reported), 'never' keeps none, 'always' keeps every one."""
     sizes = {}
     for mode in ("active", "never", "always"):
-        amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals=mode))
+        amr = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True)), AMRConfig(exact_residuals=mode))
         amr.allocate("kidneys", [2, 3])
         amr.update("kidneys", trained_like(amr.hyper, "kidneys", 1, scale=1.0), round_index=1, source="a")
         amr.allocate("liver", [6])
@@ -373,7 +374,7 @@ def fit_full_rank_tasks(amr: AMR, n: int, seed: int) -> dict[str, dict[str, torc
 
 def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path):
     """With a fixed code an old task moved by 37 % of its own delta at 33 tasks; the code now grows first."""
-    config = DAHyperConfig(code_dim=8, code_growth=4, code_headroom=2)
+    config = DAHyperConfig(generators=True, code_dim=8, code_growth=4, code_headroom=2)
     amr = AMR(DAHyper(base, is_head, config), AMRConfig(exact_residuals="never"))
     reference = fit_full_rank_tasks(amr, 10, seed=0)
     assert amr.hyper.code_size == 12  # 10 tasks + 2 headroom: grown once from 8 by 4
@@ -394,7 +395,7 @@ def test_code_grows_before_it_fills_and_growing_changes_no_output(base, tmp_path
 
 
 def test_capacity_limit_refuses_with_the_limit_named(base):
-    hyper = DAHyper(base, is_head, DAHyperConfig(code_dim=8, code_growth=8, code_headroom=2, max_code_dim=16))
+    hyper = DAHyper(base, is_head, DAHyperConfig(generators=True, code_dim=8, code_growth=8, code_headroom=2, max_code_dim=16))
     for i in range(14):
         hyper.register(f"t{i}", [1])
     with pytest.raises(CapacityError, match="max_code_dim=16"):
@@ -406,7 +407,7 @@ def test_capacity_limit_refuses_with_the_limit_named(base):
 @pytest.mark.slow
 def test_64_tasks_with_full_rank_targets_keep_every_old_task_in_place(base):
     """Real-shaped (CPU plan) full-rank targets, no exact residuals: each old task moves ≤ 1e-3 of its delta."""
-    amr = AMR(DAHyper(base, is_head, DAHyperConfig()), AMRConfig(exact_residuals="never"))
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True)), AMRConfig(exact_residuals="never"))
     reference = fit_full_rank_tasks(amr, 64, seed=1)
     assert amr.hyper.code_size >= 64 + amr.hyper.config.code_headroom
     worst = max(change_lost(amr.hyper.base_view(t), reference[t], amr.hyper.generate(t)) for t in list(reference)[1:])

@@ -51,8 +51,8 @@ def trained(weights: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> 
     return out
 
 
-def pair(base):
-    feddah = FedDAHStrategy.create(base, is_head, HYPER)
+def pair(base, **feddah_params):
+    feddah = FedDAHStrategy.create(base, is_head, {**HYPER, **feddah_params})
     donor = DonorPerTaskFedAvgStrategy.create(base, is_head, {})
     return feddah, donor
 
@@ -117,10 +117,10 @@ def test_new_task_starts_bit_identical_to_feddahs_allocation(base):
     assert donor.donors["B"] == "A"
 
 
-def _three_tasks(base):
+def _three_tasks(base, **feddah_params):
     """A [1,2] fitted in rounds 1-2, C [3] in round 3; then B [2,3,5] shares one organ with each (tie in
     organs: the more recently fitted C donates, organ 2 comes from A, organ 5 from the base)."""
-    feddah, donor = pair(base)
+    feddah, donor = pair(base, **feddah_params)
     step((feddah, donor), 1, [("s1", "A", [1, 2], 1)])
     step((feddah, donor), 2, [("s1", "A", [1, 2], 2)])
     step((feddah, donor), 3, [("s2", "C", [3], 3)])
@@ -152,13 +152,15 @@ def test_shared_rule_gives_identical_starts_for_identical_donor_weights(base):
     assert torch.equal(ours[HEAD][3], base[HEAD][5])  # organ 5: the base's row
 
 
-def test_end_to_end_start_matches_feddah_within_its_fidelity(base):
-    feddah, donor = _three_tasks(base)
+@pytest.mark.parametrize(("params", "tolerance"), [({"exact_residuals": "always"}, 1e-6),  # exact store
+                                                    ({}, 2e-2)])  # A went idle in round 3: held in 4 bits
+def test_end_to_end_start_matches_feddah_within_its_fidelity(base, params, tolerance):
+    feddah, donor = _three_tasks(base, **params)
     for task in ("A", "C"):
-        assert relative_l2(feddah.task_weights(task), donor.task_weights(task)) < 1e-4
+        assert relative_l2(feddah.task_weights(task), donor.task_weights(task)) < tolerance
     ours, theirs = donor.weights_for("s3", "B", [2, 3, 5], 4), feddah.weights_for("s3", "B", [2, 3, 5], 4)
     assert donor.donors["B"] == "C"
-    assert relative_l2(theirs, ours) < 1e-4
+    assert relative_l2(theirs, ours) < tolerance
     assert torch.equal(ours["enc.conv.weight"], donor.task_weights("C")["enc.conv.weight"])
 
 

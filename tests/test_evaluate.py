@@ -113,7 +113,7 @@ def test_report_json_matches_its_schema(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg", "fedavg-per-task",
+STRATEGIES = ("feddah", "feddah-hypernet", "feddah-noLR", "feddah-noWs", "fedavg", "fedavg-per-task",
               "fedavg-per-task-donor", "local")
 
 

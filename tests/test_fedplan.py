@@ -51,7 +51,7 @@ def test_shipped_phantom_plan_parses_and_matches_the_demo():
     assert plan.site_names == ("site1", "site2", "site3", "site4")
     assert [s.dataset for s in plan.sites] == [501, 502, 503, 504]
     assert plan.plans_identifier == "FedDAHPlansCPU"
-    assert plan.strategy.name == "feddah" and plan.strategy.params == {"beta": 1.0, "rank": 8}  # rank: memory
+    assert plan.strategy.name == "feddah" and plan.strategy.params == {"idle_bits": 4}  # an idle task: 4 bits per weight
     assert {s.stream[0].key for s in plan.sites if s.join_round == 1} == {"liver"}  # the shared first task
     assert plan.rounds_per_step == 2 and plan.local.epochs == 1 and plan.local.iterations_per_epoch == 120
     assert plan.local.optimizer == "adamw" and plan.local.lr_schedule == "per-task"

@@ -70,7 +70,7 @@ def _change(weights: dict, seed: int, scale: float = 0.05) -> dict:
 
 def _two_tasks(base, bits: int) -> tuple[AMR, dict]:
     """kidneys fitted (it becomes the base), liver fitted, then a round without liver: liver goes idle."""
-    amr = AMR(DAHyper(base, is_head, DAHyperConfig(rank=4)), AMRConfig(idle_bits=bits))
+    amr = AMR(DAHyper(base, is_head, DAHyperConfig(generators=True, rank=4)), AMRConfig(idle_bits=bits))
     amr.allocate("kidneys", [2, 3])
     amr.update("kidneys", _change(amr.hyper.generate("kidneys"), 0, 1.0), round_index=1, source="a")
     amr.allocate("liver", [6])

@@ -344,8 +344,9 @@ class Coordinator:
                 self.log(f"round {summary.round}/{total} {site:<8} step {line['step']}/{line['steps']} "
                          f"{line['task']:<16} REJECTED: {line['reason']}")
         for event in summary.strategy.get("compressed", []):
-            self.log(f"round {summary.round}/{total} {event['task']} went idle: compressed, "
-                     f"{event['lost_of_delta']:.1%} of its change from the base dropped")
+            form = f"{event['bits']}-bit remainder" if event.get("bits") else "remainder dropped"
+            self.log(f"round {summary.round}/{total} {event['task']} went idle: compressed ({form}), "
+                     f"{event['lost_of_delta']:.1%} of its change from the base lost")
         accepted = sum(1 for v in summary.sites.values() if v["status"] == "accepted")
         self.log(f"round {summary.round}/{total} done: {accepted}/{len(summary.sites)} uploads accepted, "
                  f"update {summary.update_s:.1f}s, checkpoint {summary.checkpoint_s:.1f}s, "

@@ -20,8 +20,12 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
 * **Exact while active** (``exact_residuals="active"``): after the generators are refitted, what they
   cannot express of ``W*`` is kept as the task's exact residual, so the weights sent next reproduce the
   round's aggregation; a task that gets no upload in a round is compressed once: its residual is
-  quantised to ``idle_bits`` per weight (0: dropped), and what that loses is reported. ``"never"`` keeps only the generators, ``"always"`` never compresses.
-* **Recalibration** minimises ``L_hyper = L_task + β·L_R`` with
+  quantised to ``idle_bits`` per weight (0: dropped), and what that loses is reported. ``"never"`` keeps
+  only the generators, ``"always"`` never compresses.
+* **Without generators** (``DAHyperConfig.generators=False``, FedDAH's default since 2026-12-07) there is
+  nothing shared to refit: a task's residual is its whole delta from the base, and the rest of this list
+  (aggregation, W_s, donor starts, the base, compression of idle tasks) applies unchanged.
+* **Recalibration** (with generators) minimises ``L_hyper = L_task + β·L_R`` with
   ``L_task = ‖g_T(θ) − g*_T‖²`` and ``L_R = Σ_{t≠T} ‖g_t(θ) − g_t(θ_before)‖²`` over the generator
   outputs ``g`` (dense deltas, low-rank factors aligned by Procrustes, head rows), in two stages:
   stage 1 (:func:`~nnunet_feddah.method.recalibration.fit_codes`) trains ``z_T``, every projection ``E_l``, the
@@ -86,7 +90,8 @@ class AMRConfig:
     max_history_weight: float = 0.5  # weights: W_s = max_history_weight · (1 − JS)
     js_bins: int = 32
     exact_residuals: str = "active"  # keep what the generators miss while a task is trained ("never", "always")
-    # bits per weight of what the generators miss once a task goes idle (0: dropped, the rank-r generators alone);
+    # bits per weight of an idle task's remainder (what the generators miss; without generators its whole delta
+    # from the base); 0 drops it (the rank-r generators alone);
     # judged by held-out Dice against the exact model (docs/METHOD.md §5b)
     idle_bits: int = 4
     # where a new task starts (docs/METHOD.md): "donor" fits a copy of the most organ-sharing task; "composed"
@@ -170,9 +175,9 @@ class AMR:
         if self.config.new_task_start == "composed" and not hyper.config.generators:
             raise ValueError("AMRConfig.new_task_start='composed' generates a task from its organs' embeddings and "
                              "needs DAHyperConfig.generators=True")
-        if self.config.exact_residuals != "active" and not hyper.config.generators:
-            raise ValueError(f"AMRConfig.exact_residuals={self.config.exact_residuals!r} needs the generators; "
-                             f"without them every task is held by its residual ('active')")
+        if self.config.exact_residuals == "never" and not hyper.config.generators:
+            raise ValueError("AMRConfig.exact_residuals='never' keeps the generators alone; without generators "
+                             "every task is held by its residual ('active' or 'always')")
         self.compressed: list[dict] = []  # tasks compressed by the last update_round, with what it cost
 
     # ------------------------------------------------------------------ allocation of new tasks
@@ -229,7 +234,8 @@ class AMR:
         sent = {key: hyper.generate(key) for key in rounds}
         aggregations = {key: self._aggregate(key, group, sent[key]) for key, group in rounds.items()}
         targets = {key: a[0] for key, a in aggregations.items()}
-        before = TasksBefore(hyper, [t for t in hyper.tasks if t not in rounds])
+        # without generators nothing shared is refitted, so no other task can move: nothing to measure (O(1))
+        before = TasksBefore(hyper, [t for t in hyper.tasks if t not in rounds] if hyper.config.generators else [])
         loss_before = {key: relative_l2(sent[key], targets[key]) ** 2 for key in rounds}
         rebased = not hyper.has_base_fit
         if rebased:

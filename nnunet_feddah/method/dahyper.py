@@ -59,9 +59,10 @@ class DAHyperConfig:
     organ_embedding_dim: int = 8  # k: organ embedding for head rows
     num_organ_slots: int = 16  # background + AMOS organs 1..15 (head rows of the base network)
     layer_encoder: bool = True  # inter-layer consistency encoder F on/off (ablation)
-    # False: no stage 1 and no generators — every task is the base plus its own remainder (exact while active,
-    # quantised once idle): the plain per-task store the generators were measured to equal (docs/METHOD.md §2)
-    generators: bool = True
+    # False (default): no stage 1 and no generators — every task is the base plus its own remainder (exact while
+    # active, quantised once idle). True: the paper's generators, which were measured to equal a per-task rank-r
+    # store while costing more memory and changing nothing a site receives (docs/METHOD.md §2)
+    generators: bool = False
     embedding_mean: float = 0.0  # μ_z
     embedding_std: float = 1.0  # σ
     seed: int = 0

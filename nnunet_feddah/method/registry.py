@@ -33,14 +33,20 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "local": LocalStrategy,
 }
 FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
-    "feddah-noLR": {"beta": 0.0},  # no historical regulariser
+    # FedDAH holds every task as the base plus its own remainder (docs/METHOD.md §2): the hypernetwork's
+    # generators, and with them L_R, the encoder and composed starts, are what these variants switch back on
+    "feddah-hypernet": {"generators": True},  # the paper's generators (rank-r, refitted under β·L_R)
+    "feddah-noLR": {"generators": True, "beta": 0.0},  # the generators without the historical regulariser
     "feddah-noWs": {"similarity": "fixed"},  # W_s fixed instead of the JS similarity
     "feddah-wsCases": {"similarity": "cases"},  # W_s from training cases: case-weighted averaging across time
     "feddah-wsWeights": {"similarity": "weights"},  # W_s from weight histograms (the reading before 2026-12-02)
-    "feddah-noencoder": {"layer_encoder": False},  # no inter-layer consistency encoder
-    "feddah-composed": {"new_task_start": "composed"},  # new tasks generated from their organs' embeddings
-    # the encoder's effect where it has one: on a composed start (a fitted task's weights do not depend on it)
-    "feddah-composed-noencoder": {"new_task_start": "composed", "layer_encoder": False},
+    "feddah-noencoder": {"generators": True, "layer_encoder": False},  # generators, no inter-layer encoder
+    # new tasks generated from their organs' embeddings (needs the generators), with and without the encoder
+    "feddah-composed": {"generators": True, "new_task_start": "composed"},
+    "feddah-composed-noencoder": {"generators": True, "new_task_start": "composed", "layer_encoder": False},
+    # an idle task keeps only what the rank-r generators hold (the rule before 2026-12-07): in function the
+    # plain per-task rank-r store (docs/METHOD.md §5b)
+    "feddah-idleLowrank": {"generators": True, "idle_bits": 0},
 }
 STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))
 STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28

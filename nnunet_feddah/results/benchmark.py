@@ -38,9 +38,10 @@ from nnunet_feddah.results.fcl_metrics import nanmean
 from nnunet_feddah.results.report import CENTRALIZED, markdown_table, write_report
 
 QUICK_STRATEGIES = ("feddah", "fedavg", "fedavg-per-task-donor")
-#: The default run: issue 12's protocol (FedDAH, the ablations of its three components, the four baselines).
-#: The finer ablations (W_s variants, composed starts) have their own runs: docs/EVALUATION.md.
-DEFAULT_STRATEGIES = ("feddah", "feddah-noLR", "feddah-noWs", "feddah-noencoder", "fedavg", "fedavg-per-task",
+#: The default run: FedDAH, the paper's generators with and without β·L_R, −W_s, and the four baselines.
+#: The finer ablations (W_s variants, the encoder, composed starts, idle forms) have their own runs:
+#: docs/EVALUATION.md, scripts/bench_compression.py.
+DEFAULT_STRATEGIES = ("feddah", "feddah-hypernet", "feddah-noLR", "feddah-noWs", "fedavg", "fedavg-per-task",
                       "fedavg-per-task-donor", "local")
 
 
