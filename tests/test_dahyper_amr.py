@@ -149,6 +149,8 @@ def test_predictive_history_weight_rises_with_the_sites_divergence():
     assert ws(0.002).measure == "predictive" and ws(0.002).divergence == 0.002
     silent = ws(None)
     assert (silent.value, silent.measure) == (config.fixed_similarity, "fixed")
+    for claim in (float("nan"), float("inf")):  # no evidence: weighed like silence, never a NaN weight
+        assert (ws(claim).value, ws(claim).measure) == (config.fixed_similarity, "fixed")
     with pytest.raises(ValueError, match="similarity must be one of"):
         AMRConfig(similarity="cosine")
     assert AMRConfig(similarity="js").similarity == "weights"  # strategy files written before the rename

@@ -195,7 +195,7 @@ def test_coordinate_reports_a_damaged_state_once(committed_state, tmp_path, phan
 # --- 4. hostile uploads ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["cases_huge", "cases_string", "cases_zero", "cases_bool", "cases_missing",
                                   "metrics_list", "mean_dice_string", "dice_list", "iterations_float", "seconds_nan",
-                                  "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors"])
+                                  "js_nan", "js_inf", "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors"])
 def test_hostile_uploads_are_rejected(base, kind):
     coordinator = _open(Path("/nonexistent-unused"), base)
     job = coordinator.jobs(1)["a"]
@@ -214,6 +214,8 @@ def test_hostile_uploads_are_rejected(base, kind):
         bad.metrics = [1, 2]
     elif kind == "seconds_nan":
         bad.seconds = float("nan")
+    elif kind in ("js_nan", "js_inf"):  # it steers W_s: a NaN once crashed the generators' SVD (issue 37)
+        bad.metrics["predictive_js"] = {"all": float(kind[3:]), "foreground": 0.1}
     elif kind == "all_zero":
         bad.weights = {k: torch.zeros_like(v) for k, v in good.weights.items()}
     elif kind == "times_1_99":
@@ -227,7 +229,8 @@ def test_hostile_uploads_are_rejected(base, kind):
         bad.weights[name] = bad.weights[name].double()
     else:
         bad.weights = {k: v.numpy() for k, v in good.weights.items()}
-    expected = {"unrelated": "relative change 1.4", "times_1_99": "norm is 1.990"}.get(kind, "")
+    expected = {"unrelated": "relative change 1.4", "times_1_99": "norm is 1.990",
+                "js_nan": "'predictive_js.all' is nan", "js_inf": "'predictive_js.all' is inf"}.get(kind, "")
     with pytest.raises(UploadRejected, match=expected):
         validate_upload(job, bad, coordinator.max_relative_change, max_training_cases=4)
 

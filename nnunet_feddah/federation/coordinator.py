@@ -113,8 +113,11 @@ def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> Non
     js = metrics.get("predictive_js")
     if js is not None and not isinstance(js, Mapping):
         raise UploadRejected(f"metrics field 'predictive_js' is {js!r}, expected an object or null")
-    for part in ("foreground", "all"):
-        _check_fraction((js or {}).get(part), f"predictive_js.{part}")
+    for part in ("foreground", "all"):  # it steers W_s: NaN is refused here (a Dice may be NaN, an absent organ)
+        value = (js or {}).get(part)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and 0 <= value <= 1):
+            raise UploadRejected(f"metrics field 'predictive_js.{part}' is {value!r}, expected a finite value in "
+                                 f"[0, 1] (or null)")
 
 
 def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float,

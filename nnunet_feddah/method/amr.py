@@ -33,8 +33,8 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   Gram matrices ``GᵀG``); stage 2 (:func:`~nnunet_feddah.method.recalibration.refit_generator`) refits every generator ``G`` in closed form, which
   also puts the other tasks' outputs back where stage 1 moved them:
   ``ΔG = [(Y − GΦ)Φᵀ + β G(Φ_h⁰ − Φ_h)Φ_hᵀ] (ΦΦᵀ + βΦ_hΦ_hᵀ + λI)⁻¹``.
-  ``solver="adam"`` instead runs the paper's Adam (lr 1e-3) on every parameter and the embedding; it is
-  kept as the ablation that justifies the closed form.
+  The paper's plain Adam (lr 1e-3) on every parameter left 13× more fitting error at 50× the time
+  (docs/METHOD.md §8); it was removed on 2026-12-07, untested.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from nnunet_feddah.method.quantize import BITS, dequantize_all, quantize_all
 from nnunet_feddah.method.recalibration import CodeFit, TasksBefore, fit_codes, generator_targets, refit_generator
 from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 
-SOLVERS = ("closed_form", "adam")
 NEW_TASK_STARTS = ("donor", "composed")
 EXACT_RESIDUALS = ("active", "never", "always")
 SIMILARITIES = ("predictive", "weights", "fixed", "cases")
@@ -72,10 +71,7 @@ SIMILARITY_ALIASES = {"js": "weights"}  # the spelling of states written before 
 class AMRConfig:
     beta: float = 1.0  # weight of the historical regulariser L_R (0 = ablation −L_R)
     ridge: float = 1e-6  # λ: proximal term that keeps the closed-form edit well posed
-    solver: str = "closed_form"
-    adam_steps: int = 100  # solver="adam": steps of the all-parameter ablation
-    adam_lr: float = 1e-3
-    code_steps: int = 40  # closed_form: Adam steps of the first stage (codes, generators held; 0 = off)
+    code_steps: int = 40  # Adam steps of the first stage (codes, generators held; 0 = off)
     code_lr: float = 1e-3  # the paper's learning rate, for what all tasks share (E_l, F, organ embeddings)
     embedding_lr: float = 1e-2  # for the task's own embedding z_T (its entries are ~σ = 1, E's ~0.18)
     code_trust: float = 1.0  # weight of how far stage 1 moves the other tasks' codes (keeps them apart)
@@ -102,8 +98,6 @@ class AMRConfig:
     def __post_init__(self) -> None:
         if self.beta < 0 or self.ridge <= 0 or self.code_trust < 0:
             raise ValueError("AMRConfig: beta and code_trust must be ≥ 0 and ridge > 0")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"AMRConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         object.__setattr__(self, "similarity", SIMILARITY_ALIASES.get(self.similarity, self.similarity))
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"AMRConfig.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
@@ -297,14 +291,12 @@ class AMR:
 
     def _solve(self, key: str, target: Mapping[str, torch.Tensor]) -> tuple[int, float | None]:
         """Refit the hypernetwork to ``target`` under ``β·L_R``: optimiser steps, and the share of the task's
-        generator-output error its first stage explained with generators learned before (closed form only)."""
+        generator-output error its first stage explained with generators learned before."""
         if not self.hyper.config.generators:  # a plain store: the task's residual holds all of it
             return 0, None
         others = [t for t in self.hyper.tasks if t != key]
-        if self.config.solver == "closed_form":
-            fit = self._solve_closed_form(key, target, others)
-            return fit.steps + 1, fit.explained
-        return self._solve_adam(key, target, {t: self.hyper.generate(t) for t in others}), None
+        fit = self._solve_closed_form(key, target, others)
+        return fit.steps + 1, fit.explained
 
     def _keep_residual(self, key: str, target: Mapping[str, torch.Tensor]) -> None:
         """Store what the generators miss of ``target`` (unless ``exact_residuals="never"``)."""
@@ -367,30 +359,6 @@ class AMR:
                                                   held_before.get(param, now[:, :0]), now[:, columns:],
                                                   beta=cfg.beta, ridge=cfg.ridge)
         return fit
-
-    def _solve_adam(self, key: str, target: Mapping[str, torch.Tensor],
-                    snapshot: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
-        """The paper's optimiser on L_task + β·L_R (relative squared errors), all parameters + z_T."""
-        hyper, cfg = self.hyper, self.config
-        params = {k: v.clone().requires_grad_(True) for k, v in hyper.params.items()}
-        embedding = hyper.embeddings[key].clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([*params.values(), embedding], lr=cfg.adam_lr)
-        scale = {t: sum(float(v.pow(2).sum()) for v in w.values() if v.is_floating_point())
-                 for t, w in [(key, target), *snapshot.items()]}
-        for _ in range(cfg.adam_steps):
-            optimizer.zero_grad()
-            generated = hyper.generate(key, params, embedding, with_residual=False)
-            loss = sum((generated[k] - v).pow(2).sum() for k, v in target.items() if v.is_floating_point()) / scale[key]
-            if cfg.beta > 0:
-                for t, old in snapshot.items():
-                    now = hyper.generate(t, params)
-                    loss = loss + cfg.beta * sum((now[k] - v).pow(2).sum() for k, v in old.items()
-                                                 if v.is_floating_point()) / scale[t]
-            loss.backward()
-            optimizer.step()
-        hyper.params = {k: v.detach() for k, v in params.items()}
-        hyper.embeddings[key] = embedding.detach()
-        return cfg.adam_steps
 
     def _allocation_report(self, key: str, loss_before: float, steps: int, start: float,
                            target: Mapping[str, torch.Tensor],

@@ -1,34 +1,19 @@
-"""DAHyper: one hypernetwork that generates the complete weights of the shared network for any task.
+"""DAHyper: task identity → the complete weights of the shared network (trunk and organ-keyed heads).
 
-Plain torch: it knows tensor names and shapes, never nnU-Net. The structure (see docs/METHOD.md):
+Plain torch: it knows tensor names and shapes, never nnU-Net (docs/METHOD.md §0–§5 has the measurements).
+Every task is ``W_t = base + Δ_t``: the shared **base** is a full network (the first fitted round's consensus),
+and a head row is generated per *(task, organ)*, so tasks with different organs share one DAHyper.
 
-* **Task embeddings** ``z_t ∈ R^d``, drawn from ``N(μ_z, σ²)`` when a task is registered.
-* **Stage 1 — per-layer codes, with the inter-layer encoder.** The code size h starts at ``code_dim`` and grows
-  with the registered tasks (:meth:`DAHyper._ensure_capacity`). For the l-th generated tensor
-  ``c_{t,l} = tanh(E_l z_t + F c_{t,l-1})``: ``E_l`` is the layer's own embedding projection, ``F`` is one
-  matrix shared by all layers that carries what was generated for the previous layer into the next
-  (switch it off with ``layer_encoder=False``: then ``c_{t,l} = tanh(E_l z_t)``).
-* **Stage 2 — weight generators**, linear in the code so that AMR can refit them in closed form:
-  every tensor is ``W_t = base + Δ(c_{t,l})`` where the shared ``base`` is a full-size network (the first
-  upload) and the task-conditioned delta is
-    - *dense*: ``Δ = reshape(G c)`` for small tensors (biases, norm scales/shifts, small kernels), or
-    - *low-rank*: ``Δ = reshape(G_A c) · reshape(G_B c)ᵀ`` (rank ``r``) for large kernels, where a
-      kernel of shape ``(m, n₁, n₂, …)`` is the matrix ``m × (n₁ n₂ …)``.
-* **Organ-keyed heads.** A task's segmentation output is background + its organs, so every head row is
-  generated for a *(task, organ)* pair: ``row = head_base[organ] + G (c_{t,l} ⊗ e_organ)`` with learned
-  organ embeddings ``e``. Tasks with different organ counts share one DAHyper, and a new task can start
-  from the rows an organ already learned in another task.
-
-* **Exact residual of an active task** (``residuals``): what the generators cannot express of the task's
-  latest aggregation target, stored as full tensors while the task is being trained, so that a round's
-  work reaches the next round whole. When the task goes idle AMR replaces it by its **quantised remainder**
-  (``idle``: a few bits per weight, :mod:`.quantize`), or drops it where ``idle_bits = 0``
-  (docs/METHOD.md §5b); both count in :meth:`DAHyper.nbytes` and in the checkpoint.
-
-Why a shared base plus deltas instead of generating every weight from scratch: fidelity comes first
-(a generated model worse than the upload throws away a site's work), and a hypernetwork that must emit
-all 30 M AMOS weights from a 32-dimensional embedding cannot reproduce a trained network. Measured in
-docs/METHOD.md and ``scripts/bench_server.py``.
+* **Remainders** (always): a task's *exact residual* while it is trained (``residuals``, so a round's work
+  reaches the next round whole), its *quantised remainder* once idle (``idle``, :mod:`.quantize`), both
+  counted in :meth:`DAHyper.nbytes` and stored in the checkpoint. Without generators (``generators=False``,
+  the default) ``Δ_t`` is just that remainder: a per-task store.
+* **The paper's generators** (``generators=True``): a task embedding ``z_t ~ N(μ_z, σ²)``; per-layer codes
+  ``c_{t,l} = tanh(E_l z_t + F c_{t,l-1})`` through the inter-layer encoder ``F`` (``layer_encoder``), the
+  code size growing with the tasks; and generators linear in the code, so AMR refits them in closed form —
+  ``Δ = reshape(G c)`` for small tensors, ``reshape(G_A c) · reshape(G_B c)ᵀ`` (rank ``r``) for large
+  kernels (matrix ``m × (n₁ n₂ …)``), ``G (c ⊗ e_organ)`` with learned organ embeddings for head rows. The
+  remainder is then what the generators miss. Measured to equal a per-task rank-r store (docs/METHOD.md §0).
 """
 
 from __future__ import annotations
@@ -131,11 +116,8 @@ def _unit_kind(name: str, shape: tuple[int, ...], is_head: bool, floating: bool,
         return "fixed"
     if is_head:
         return "head"
-    if len(shape) >= 2 and shape[0] > 1 and math.prod(shape[1:]) > 1:
-        m, n = shape[0], math.prod(shape[1:])
-        if rank * (m + n) < m * n:
-            return "lowrank"
-    return "dense"
+    m, n = shape[0] if shape else 1, math.prod(shape[1:])
+    return "lowrank" if len(shape) >= 2 and m > 1 and n > 1 and rank * (m + n) < m * n else "dense"
 
 
 class DAHyper:
@@ -310,12 +292,6 @@ class DAHyper:
                 owner[f"{unit.name}::G"] = head_owner
         return inputs, owner
 
-    def head_features(self, code: torch.Tensor, slots: Sequence[int],
-                      params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Features ``c ⊗ e_organ`` of head rows, one column per output slot."""
-        p = self.params if params is None else params
-        return _head_columns(code[:, None].expand(-1, len(slots)), p["organs::embedding"][list(slots)])
-
     # ------------------------------------------------------------------ stage 2
     def factors(self, unit: Unit, code: torch.Tensor,
                 params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +311,8 @@ class DAHyper:
         if unit.kind == "lowrank":
             a, b = self.factors(unit, code, p)
             return base + (a @ b.T).reshape(unit.shape)
-        rows = (p[f"{unit.name}::G"] @ self.head_features(code, slots, p)).T  # (rows, row_numel)
+        features = _head_columns(code[:, None].expand(-1, len(slots)), p["organs::embedding"][list(slots)])
+        rows = (p[f"{unit.name}::G"] @ features).T  # (rows, row_numel): one c ⊗ e_organ column per output slot
         return base[list(slots)] + rows.reshape(len(slots), *unit.shape[1:])
 
     def generate(self, key: str, params: Mapping[str, torch.Tensor] | None = None,
@@ -376,8 +353,8 @@ class DAHyper:
     def nbytes(self) -> int:
         tensors = [*self.params.values(), *self.base.values(), *self.embeddings.values(),
                    *(v for r in self.residuals.values() for v in r.values())]
-        quantized = sum(q.nbytes for r in self.idle.values() for q in r.values())
-        return sum(v.numel() * v.element_size() for v in tensors) + quantized
+        return (sum(v.numel() * v.element_size() for v in tensors)
+                + sum(q.nbytes for r in self.idle.values() for q in r.values()))
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

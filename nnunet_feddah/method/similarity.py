@@ -46,7 +46,7 @@ def history_weight(config: WsSettings, history: Mapping[str, torch.Tensor], uplo
       trained network's softmax and the received one's on its validation cases (all voxels, bits): a healthy
       round at a new site moves the predictions by 0.001–0.006 bits per voxel on the phantom, another organ's
       model or an untrained network by ≥ 0.008 (docs/METHOD.md §6), so the first is taken (nearly) whole and
-      the second held back. A site that reported no JS gets ``fixed_similarity`` (the weight histograms
+      the second held back. A site that reported no JS (or a non-finite one) gets ``fixed_similarity`` (the weight histograms
       point the other way: they rate an unrelated network as *more* similar than a healthy round).
     * ``weights`` — ``max_history_weight · (1 − JS)`` of weight-value histograms (blind to what a network
       computes; kept as the comparison).
@@ -54,12 +54,15 @@ def history_weight(config: WsSettings, history: Mapping[str, torch.Tensor], uplo
     * ``cases`` — ``history_cases / (history_cases + round_cases)``: the history counts as the training cases
       behind it, i.e. FedAvg over the task's sites across time (the case-weighted averaging baseline).
     """
-    if config.similarity == "fixed" or (config.similarity == "predictive" and upload.predictive_js is None):
-        return HistoryWeight(config.fixed_similarity, upload.predictive_js, "fixed")
+    reported = upload.predictive_js
+    if reported is not None and not (isinstance(reported, (int, float)) and math.isfinite(reported)):
+        reported = None  # a NaN/Inf claim carries no evidence: weigh it as a site that reported nothing
+    if config.similarity == "fixed" or (config.similarity == "predictive" and reported is None):
+        return HistoryWeight(config.fixed_similarity, reported, "fixed")
     if config.similarity == "cases":
-        return HistoryWeight(history_cases / max(history_cases + round_cases, 1), upload.predictive_js, "cases")
+        return HistoryWeight(history_cases / max(history_cases + round_cases, 1), reported, "cases")
     if config.similarity == "predictive":
-        js = float(upload.predictive_js)
+        js = float(reported)
         return HistoryWeight(_sigmoid((js - config.ws_js_mid) / config.ws_js_scale), js, "predictive")
     js = js_divergence(history, upload.weights, config.js_bins)
     return HistoryWeight(config.max_history_weight * (1.0 - js), js, "weights")
