@@ -46,7 +46,7 @@ class DAHyperConfig:
     layer_encoder: bool = True  # inter-layer consistency encoder F on/off (ablation)
     # False (default): no stage 1 and no generators — every task is the base plus its own remainder (exact while
     # active, quantised once idle). True: the paper's generators, which were measured to equal a per-task rank-r
-    # store while costing more memory and changing nothing a site receives (docs/METHOD.md §2)
+    # store while costing more memory and changing nothing a site receives (docs/METHOD.md §0)
     generators: bool = False
     embedding_mean: float = 0.0  # μ_z
     embedding_std: float = 1.0  # σ
