@@ -172,3 +172,22 @@ def test_a_hundred_tasks_leave_every_idle_task_where_it_went_idle():
         lost = sum(float((now[k] - uploads[key][k]).double().pow(2).sum()) for k in now) ** 0.5
         delta = sum(float((uploads[key][k] - view[k]).double().pow(2).sum()) for k in now) ** 0.5
         assert lost <= 0.15 * delta, key
+
+
+def test_files_written_before_the_store_load_as_they_were(base, tmp_path):
+    """A DAHyper checkpoint from before 2026-12-07 has no ``generators`` field (it had generators), and its AMR
+    settings name the removed solver and no ``idle_bits`` (an idle residual was dropped): it must come back so."""
+    from nnunet_feddah.method.feddah import FedDAHStrategy
+    from nnunet_feddah.method.hypernet_file import FORMAT
+    from nnunet_feddah.tensor_file import write_tensors
+
+    amr, _ = _two_tasks(base, 0)
+    tensors, info = amr.hyper.state()
+    del info["config"]["generators"], info["idle_bits"]
+    info["extra"] = {"strategy": "feddah", "amr": {"beta": 1.0, "solver": "closed_form", "adam_steps": 100}}
+    path = write_tensors(tmp_path / "old.safetensors", tensors,
+                         {"format": FORMAT, "architecture_fingerprint": "sha256:test", "info": json.dumps(info)})
+    loaded = FedDAHStrategy.load(path, "sha256:test", is_head)
+    assert loaded.hyper.config.generators and loaded.amr.config.idle_bits == 0
+    for task in amr.hyper.tasks:
+        assert all(torch.equal(loaded.hyper.generate(task)[k], v) for k, v in amr.hyper.generate(task).items())

@@ -377,7 +377,7 @@ class DAHyper:
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, torch.Tensor], info: Mapping) -> DAHyper:
-        config = DAHyperConfig(**info["config"])
+        config = DAHyperConfig(**{"generators": True, **info["config"]})  # files before 2026-12-07 had generators
         base = {name: tensors[f"base/{name}"] for name, _, _ in info["units"]}
         heads = {name for name, _, kind in info["units"] if kind == "head"}
         hyper = cls(base, lambda n: n in heads, config)

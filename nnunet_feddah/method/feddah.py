@@ -87,4 +87,8 @@ class FedDAHStrategy(Strategy):
     @classmethod
     def load(cls, path: os.PathLike | str, fingerprint: str, is_head: IsHead) -> FedDAHStrategy:
         hyper = load_hypernet(path, fingerprint)
-        return cls(hyper, AMRConfig(**read_hypernet_metadata(path).get("extra", {}).get("amr", {})))
+        amr = dict(read_hypernet_metadata(path).get("extra", {}).get("amr", {}))
+        for removed in ("solver", "adam_steps", "adam_lr"):  # fields of files before 2026-12-07 (the closed form ran)
+            amr.pop(removed, None)
+        amr.setdefault("idle_bits", 0)  # before 2026-12-07 an idle task's residual was dropped
+        return cls(hyper, AMRConfig(**amr))
