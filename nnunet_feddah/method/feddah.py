@@ -2,7 +2,7 @@
 
 By default the DAHyper holds every task as the shared base plus the task's own remainder (exact while it is
 trained, quantised once idle); the paper's generators are the ``feddah-hypernet`` family of variants
-(docs/METHOD.md §2 says why and what each costs).
+(docs/METHOD.md §0 says why and what each costs).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "local": LocalStrategy,
 }
 FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
-    # FedDAH holds every task as the base plus its own remainder (docs/METHOD.md §2): the hypernetwork's
+    # FedDAH holds every task as the base plus its own remainder (docs/METHOD.md §0): the hypernetwork's
     # generators, and with them L_R, the encoder and composed starts, are what these variants switch back on
     "feddah-hypernet": {"generators": True},  # the paper's generators (rank-r, refitted under β·L_R)
     "feddah-noLR": {"generators": True, "beta": 0.0},  # the generators without the historical regulariser
