@@ -83,9 +83,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_fraction(value: Any, field: str) -> None:
-    if value is not None and not (_is_number(value) and (math.isnan(value) or 0 <= value <= 1)):
-        raise UploadRejected(f"metrics field '{field}' is {value!r}, expected a value in [0, 1] (or null)")
+def _check_fraction(value: Any, field: str, allow_nan: bool = True) -> None:
+    """A value in [0, 1] or null; NaN only where it means "not measured" (a Dice of an absent organ)."""
+    if value is not None and not (_is_number(value) and ((allow_nan and math.isnan(value)) or 0 <= value <= 1)):
+        raise UploadRejected(f"metrics field '{field}' is {value!r}, expected a{'' if allow_nan else ' finite'} "
+                             f"value in [0, 1] (or null)")
 
 
 def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> None:
@@ -113,11 +115,8 @@ def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> Non
     js = metrics.get("predictive_js")
     if js is not None and not isinstance(js, Mapping):
         raise UploadRejected(f"metrics field 'predictive_js' is {js!r}, expected an object or null")
-    for part in ("foreground", "all"):  # it steers W_s: NaN is refused here (a Dice may be NaN, an absent organ)
-        value = (js or {}).get(part)
-        if value is not None and not (_is_number(value) and math.isfinite(value) and 0 <= value <= 1):
-            raise UploadRejected(f"metrics field 'predictive_js.{part}' is {value!r}, expected a finite value in "
-                                 f"[0, 1] (or null)")
+    for part in ("foreground", "all"):  # it steers W_s: a NaN is refused
+        _check_fraction((js or {}).get(part), f"predictive_js.{part}", allow_nan=False)
 
 
 def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float,
