@@ -34,7 +34,7 @@ Plain torch. Per upload for task T (docs/METHOD.md has the derivations and the m
   also puts the other tasks' outputs back where stage 1 moved them:
   ``ΔG = [(Y − GΦ)Φᵀ + β G(Φ_h⁰ − Φ_h)Φ_hᵀ] (ΦΦᵀ + βΦ_hΦ_hᵀ + λI)⁻¹``.
   The paper's plain Adam (lr 1e-3) on every parameter left 13× more fitting error at 50× the time
-  (docs/METHOD.md §8); it was removed on 2026-12-07, untested.
+  (docs/measurements/method.md); it was removed on 2026-12-07, untested.
 """
 
 from __future__ import annotations
