@@ -12,6 +12,7 @@ from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import Coordinator, RoundFailed, SiteJob, SiteResult
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
+from nnunet_feddah.organs import BY_LABEL
 from nnunet_feddah.paths import bundled_plans_dir
 
 FINGERPRINT = "sha256:unit"
@@ -41,7 +42,8 @@ def synthetic_site(job: SiteJob, scale: float = 0.02) -> SiteResult:
     g = torch.Generator().manual_seed(hash((job.site, job.round)) % 2 ** 31)
     weights = {k: v + scale * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g)
                for k, v in job.weights.items()}
-    metrics = {"task": job.task, "train_loss": -0.5, "iterations": 2, "dice": {"x": 0.5}, "mean_dice": 0.5,
+    metrics = {"task": job.task, "train_loss": -0.5, "iterations": 2,
+               "dice": {BY_LABEL[job.organs[0]].key: 0.5}, "mean_dice": 0.5,
                "num_training_cases": 4}
     return SiteResult(job.site, job.round, job.task, weights, metrics, 0.1)
 

@@ -16,7 +16,7 @@ import torch
 from nnunet_feddah.federation.coordinator import Coordinator, SiteResult
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import build_network, hypernet_base, is_head, load_unique_tensors, unique_tensors
-from nnunet_feddah.organs import Task
+from nnunet_feddah.organs import BY_LABEL, Task
 from nnunet_feddah.paths import bundled_plans_dir, ext_trainer_dir
 from nnunet_feddah.results import amos_channels, export, nnunet_folder
 
@@ -30,7 +30,8 @@ def _synthetic_executor(jobs, deadline):
         g = torch.Generator().manual_seed(job.round)
         weights = {k: v + 0.02 * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g)
                    for k, v in job.weights.items()}
-        metrics = {"task": job.task, "train_loss": 0.5, "iterations": 2, "dice": {"x": 0.5}, "mean_dice": 0.5,
+        metrics = {"task": job.task, "train_loss": 0.5, "iterations": 2,
+                   "dice": {BY_LABEL[job.organs[0]].key: 0.5}, "mean_dice": 0.5,
                    "num_training_cases": 4}
         out[site] = SiteResult(site, job.round, job.task, weights, metrics, 0.1)
     return out

@@ -195,7 +195,9 @@ def test_coordinate_reports_a_damaged_state_once(committed_state, tmp_path, phan
 # --- 4. hostile uploads ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["cases_huge", "cases_string", "cases_zero", "cases_bool", "cases_missing",
                                   "metrics_list", "mean_dice_string", "dice_list", "iterations_float", "seconds_nan",
-                                  "js_nan", "js_inf", "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors"])
+                                  "js_nan", "js_inf", "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors",
+                                  "dice_foreign_organ", "dice_100k_keys", "metrics_huge", "metrics_deep",
+                                  "metrics_not_json"])
 def test_hostile_uploads_are_rejected(base, kind):
     coordinator = _open(Path("/nonexistent-unused"), base)
     job = coordinator.jobs(1)["a"]
@@ -212,6 +214,19 @@ def test_hostile_uploads_are_rejected(base, kind):
         bad.metrics.pop("num_training_cases")
     elif kind == "metrics_list":
         bad.metrics = [1, 2]
+    elif kind == "dice_foreign_organ":
+        bad.metrics["dice"] = {"x": float("nan")}
+    elif kind == "dice_100k_keys":  # grew checkpoint.json to 5.4 MB before (issue 37)
+        bad.metrics["dice"] = {f"o{i}": 0.5 for i in range(100_000)}
+    elif kind == "metrics_huge":
+        bad.metrics["train_loss_per_epoch"] = [0.5] * 300_000
+    elif kind == "metrics_deep":
+        nested: dict = {}
+        for _ in range(50):
+            nested = {"x": nested}
+        bad.metrics["notes"] = nested
+    elif kind == "metrics_not_json":
+        bad.metrics["notes"] = {1, 2}
     elif kind == "seconds_nan":
         bad.seconds = float("nan")
     elif kind in ("js_nan", "js_inf"):  # it steers W_s: a NaN once crashed the generators' SVD (issue 37)
@@ -230,7 +245,10 @@ def test_hostile_uploads_are_rejected(base, kind):
     else:
         bad.weights = {k: v.numpy() for k, v in good.weights.items()}
     expected = {"unrelated": "relative change 1.4", "times_1_99": "norm is 1.990",
-                "js_nan": "'predictive_js.all' is nan", "js_inf": "'predictive_js.all' is inf"}.get(kind, "")
+                "js_nan": "'predictive_js.all' is nan", "js_inf": "'predictive_js.all' is inf",
+                "dice_foreign_organ": "organ.*outside the task", "dice_100k_keys": "bytes as JSON|outside the task",
+                "metrics_huge": "bytes as JSON", "metrics_deep": "nested deeper", "metrics_not_json": "not plain JSON",
+                }.get(kind)
     with pytest.raises(UploadRejected, match=expected):
         validate_upload(job, bad, coordinator.max_relative_change, max_training_cases=4)
 
@@ -245,6 +263,22 @@ def test_an_inflated_case_count_cannot_take_over_fedavg(tmp_path, base):
     after = strategy_bytes(coordinator)
     trunk = next(k for k in after if k.startswith("global/encoder") and after[k].numel() > 1)
     assert torch.equal(after[trunk], results["a"].weights[trunk.removeprefix("global/")])  # a's upload, alone
+
+
+def test_an_unmeasured_dice_is_recorded_as_null_and_the_state_stays_strict_json(tmp_path, base):
+    coordinator = _open(tmp_path / "state", base)
+    jobs = coordinator.jobs(1)
+    results = synthetic_executor(jobs, 0)
+    for result in results.values():  # an honest site whose validation cases lack the organ: NaN = "not measured"
+        result.metrics.update(mean_dice=float("nan"), dice={k: float("nan") for k in result.metrics["dice"]})
+    coordinator.apply(1, jobs, results)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"checkpoint.json holds {constant}, which JSON does not allow")
+
+    record = json.loads((tmp_path / "state" / "checkpoint.json").read_text(), parse_constant=refuse)
+    line = record["history"][0]["sites"]["a"]
+    assert line["status"] == "accepted" and line["mean_dice"] is None and set(line["dice"].values()) == {None}
 
 
 @pytest.mark.parametrize("layout", ["not_json", "wrong_shape", "unknown_dtype", "duplicate", "too_few", "too_many"])

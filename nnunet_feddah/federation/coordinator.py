@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.method.aggregate import change_lost, norm
 from nnunet_feddah.method.registry import make_strategy
 from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
+from nnunet_feddah.organs import BY_LABEL
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
 
 # Sanity bounds on an upload, not a Byzantine defence: they sit between what honest training was measured to do
@@ -40,6 +41,11 @@ DEFAULT_MAX_RELATIVE_CHANGE = 1.25
 DEFAULT_ROUND_ATTEMPTS = 3  # a round in which every site failed is tried this often before the run stops
 # An upload's weight norm may differ from what was sent by at most this factor either way.
 NORM_RATIO_BOUND = 1.75
+# An upload's metrics, as JSON: an honest site's are ≈ 2-6 kB (per-epoch loss and LR lists, a few cases) and
+# 3 levels deep; the bounds leave room for 1000-epoch rounds and refuse a metrics object that would grow
+# checkpoint.json (a 100,000-key `dice` made it 5.4 MB) or exhaust the JSON encoder.
+MAX_METRICS_BYTES = 1 << 20
+MAX_METRICS_DEPTH = 8
 
 
 @dataclass
@@ -90,10 +96,34 @@ def _check_fraction(value: Any, field: str, allow_nan: bool = True) -> None:
                              f"value in [0, 1] (or null)")
 
 
-def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> None:
-    """Every metric the coordinator reads, stores or weights by, typed and bounded (a site is not trusted)."""
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counted no further than ``limit + 1``."""
+    if limit < 0 or not isinstance(value, (Mapping, list, tuple)):
+        return 0
+    children = value.values() if isinstance(value, Mapping) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
+def measured(value: Any) -> float | None:
+    """A validated Dice as the state records it: NaN ("not measured") becomes null, which JSON can hold."""
+    return float(value) if _is_number(value) and math.isfinite(value) else None
+
+
+def validate_metrics(metrics: Any, max_training_cases: int | None = None,
+                     organ_keys: Collection[str] | None = None) -> None:
+    """Every metric the coordinator reads, stores or weights by, typed and bounded (a site is not trusted).
+
+    ``organ_keys``: the organs of the task the site was sent; ``dice`` may name no other."""
     if not isinstance(metrics, Mapping):
         raise UploadRejected(f"metrics must be a JSON object, got {type(metrics).__name__}")
+    if _depth(metrics, MAX_METRICS_DEPTH) > MAX_METRICS_DEPTH:
+        raise UploadRejected(f"metrics are nested deeper than {MAX_METRICS_DEPTH} levels")
+    try:
+        size = len(json.dumps(metrics))
+    except (TypeError, ValueError) as exc:
+        raise UploadRejected(f"metrics are not plain JSON ({exc})") from None
+    if size > MAX_METRICS_BYTES:
+        raise UploadRejected(f"metrics are {size} bytes as JSON, more than the {MAX_METRICS_BYTES} allowed")
     loss = metrics.get("train_loss")
     if not _is_number(loss) or not math.isfinite(loss):
         raise UploadRejected(f"metrics field 'train_loss' is {loss!r}, expected a finite number")
@@ -109,6 +139,10 @@ def validate_metrics(metrics: Any, max_training_cases: int | None = None) -> Non
     dice = metrics.get("dice")
     if dice is not None and not isinstance(dice, Mapping):
         raise UploadRejected(f"metrics field 'dice' is {dice!r}, expected an object organ -> Dice")
+    unknown = [k for k in (dice or {}) if organ_keys is not None and k not in organ_keys]
+    if unknown:
+        raise UploadRejected(f"metrics field 'dice' names {len(unknown)} organ(s) outside the task "
+                             f"({', '.join(map(repr, unknown[:3]))}); expected only {sorted(organ_keys or [])}")
     for organ, value in (dice or {}).items():
         _check_fraction(value, f"dice.{organ}")
     _check_fraction(metrics.get("mean_dice"), "mean_dice")
@@ -159,7 +193,8 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
         raise UploadRejected(f"{len(collapsed)} tensor(s) sent non-zero came back all zero (e.g. {collapsed[:3]})")
     if not _is_number(result.seconds) or not math.isfinite(result.seconds) or result.seconds < 0:
         raise UploadRejected(f"field 'seconds' is {result.seconds!r}, expected a finite number ≥ 0")
-    validate_metrics(result.metrics, max_training_cases)
+    validate_metrics(result.metrics, max_training_cases, [BY_LABEL[label].key for label in job.organs
+                                                          if label in BY_LABEL])
 
 
 class RoundFailed(FedDAHError, RuntimeError):
@@ -264,8 +299,9 @@ class Coordinator:
                     raise UploadRejected(f"site failed: {result}")
                 validate_upload(job, result, self.max_relative_change, self.training_cases.get(site))
                 accepted.append((job, result))
-                line.update(status="accepted", mean_dice=result.metrics.get("mean_dice"),
-                            dice=result.metrics.get("dice"), train_loss=result.metrics.get("train_loss"),
+                line.update(status="accepted", mean_dice=measured(result.metrics.get("mean_dice")),
+                            dice={k: measured(v) for k, v in (result.metrics.get("dice") or {}).items()},
+                            train_loss=result.metrics.get("train_loss"),
                             seconds=result.seconds)
             except UploadRejected as exc:
                 line.update(status="rejected", reason=str(exc))
