@@ -37,6 +37,19 @@ def test_metrics_on_a_hand_made_matrix():
     assert none_old["forgetting"] is None and none_old["bwt"] is None and none_old["old_tasks"] == []
     with pytest.raises(ValueError, match="no training column"):
         fcl_metrics(matrix, {"A": 0})
+    # transfer: a task's Dice at the end of the first step it was trained in, over tasks met after the first step
+    assert metrics["new_task_first_dice"] is None  # no first columns given
+    first = fcl_metrics(matrix, {"A": 0, "B": 1, "C": 2}, {"A": 0, "B": 1, "C": 2})
+    assert first["new_task_first_dice"] == pytest.approx((0.7 + 0.9) / 2)
+
+
+def test_the_report_shows_server_memory_against_the_tasks_held():
+    from nnunet_feddah.results.report import memory_lines
+
+    curve = {"1": {"tasks": 1, "bytes": 2_000_000}, "3": {"tasks": 5, "bytes": 3_500_000}}
+    lines = memory_lines({"strategies": {"feddah": {"server_bytes_by_step": curve}, "centralized": {}}})
+    assert "| round 1 (1 tasks) | round 3 (5 tasks) |" in lines[3] and lines[-1] == "| feddah | 2.00 | 3.50 |"
+    assert memory_lines({"strategies": {"centralized": {}}}) == []
 
 
 def test_mean_over_sites_ignores_sites_without_labels():

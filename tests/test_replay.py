@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
-from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key
+from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key, relative_gap
 
 
 class CountingSites:
@@ -53,3 +53,22 @@ def test_a_new_process_replays_from_the_store(tmp_path) -> None:
     (tmp_path / f"{job_key(job('a', 1.0, round_number=2))}.safetensors").unlink()
     ReplayingExecutor(sites, store=tmp_path)({"a": job("a", 1.0, round_number=2)}, 60)
     assert sites.calls == ["a"]
+
+
+def test_upload_replay_trains_each_slot_once_and_lays_its_change_onto_the_new_start(tmp_path) -> None:
+    sites = CountingSites()
+    replay = ReplayingExecutor(sites, store=tmp_path, replay_uploads=True)
+    live = replay({"a": job("a", 1.0, round_number=2)}, 60)["a"]  # trained: w = 1 + 2
+    same = replay({"a": job("a", 1.0, round_number=2)}, 60)["a"]
+    assert torch.equal(same.weights["w"], live.weights["w"]) and replay.start_gaps == [0.0]  # the live run, exactly
+    other = replay({"a": job("a", 1.5, round_number=2)}, 60)["a"]  # another start: replayed, not trained
+    assert sites.calls == ["a"] and replay.replayed == 2
+    assert torch.equal(other.weights["w"], torch.full((2, 3), 3.5))  # its own start + the site's change (+2)
+    assert torch.equal(other.weights["b"], torch.full((3,), 2.0))
+    # the gap: ‖0.5 · 1‖ over ‖change‖ = ‖2 · 1 (w) and 2 · 1 (b)‖
+    assert abs(replay.start_gaps[-1] - (6 * 0.25) ** 0.5 / (9 * 4) ** 0.5) < 1e-12
+    assert relative_gap({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.ones(2)}) == 0.0
+    # a later process reads the start it was trained from back from the store
+    later = ReplayingExecutor(CountingSites(), store=tmp_path, replay_uploads=True)
+    assert torch.equal(later({"a": job("a", 0.0, round_number=2)}, 60)["a"].weights["w"], torch.full((2, 3), 2.0))
+    assert later.trained == 0 and later.replayed == 1

@@ -11,6 +11,15 @@ trained upload instead of training again; the replayed training time is added to
 strategy's ``wall_s`` so every strategy is charged as if it had run alone. A finished run's evaluation is
 kept beside it (``<work>/evaluations/<strategy>/``) and reused when the run is resumed unchanged, e.g. by the
 default run after a ``--quick`` one.
+
+**Upload replay** (``replay_uploads``, the many-task stream's cheap mode): a job is keyed without its start
+weights, so each (site, round, task) is trained once per seed — by the first strategy, which should be the
+exact store ``fedavg-per-task-donor`` — and every later strategy receives the site's *change* laid onto the
+start it sent itself: ``upload' = start' + (upload − start)``. For the first strategy this is its live run,
+bit for bit. For a strategy that sends other starts (FedDAH's 4-bit form of an idle task or donor) the
+replay assumes the site's training would not repair that difference; the compression error is carried into the
+upload, so the replay is pessimistic for every compressing strategy. Each replay records how far the starts
+were apart (``replay_start_gap``: ‖start' − start‖ / ‖upload − start‖), reported per strategy.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.registry import FEDDAH_ABLATIONS, STRATEGIES
+from nnunet_feddah.method.strategy import Tensors
 from nnunet_feddah.nnunet.datasets import nnunet_folders
 from nnunet_feddah.nnunet.weights import load_weights, save_weights, weights_digest
 from nnunet_feddah.paths import nnunet_env
@@ -51,56 +61,95 @@ def job_key(job: SiteJob) -> str:
                                                       sort_keys=True).encode())
 
 
+def job_slot(job: SiteJob) -> str:
+    """Identity of a site job without its start weights: the same site, round, task and settings (upload replay)."""
+    return weights_digest({}, salt=json.dumps([job.site, job.round, job.task, job.settings], sort_keys=True).encode())
+
+
+def relative_gap(start: Tensors, trained_from: Tensors, upload: Tensors) -> float:
+    """‖start − trained_from‖ / ‖upload − trained_from‖: how far a replayed start is from the one the upload
+    was trained from, in units of the site's own change (0 = the replay is exact)."""
+    gap = sum(float((start[k].double() - trained_from[k].double()).square().sum()) for k in trained_from)
+    change = sum(float((upload[k].double() - trained_from[k].double()).square().sum()) for k in trained_from)
+    return (gap / change) ** 0.5 if change > 0 else (0.0 if gap == 0 else float("inf"))
+
+
 class ReplayingExecutor:
     """Trains each distinct job once; an identical job of a later strategy gets a copy of the same upload.
 
     With ``store`` the trained uploads are also kept on disk (one weights file + one JSON per job key), so a
     resumed benchmark, or the default run after a ``--quick`` one, replays them instead of training again.
+    With ``replay_uploads`` a job is identified without its start weights (module docstring): a replayed job
+    whose start differs gets the cached change laid onto its own start, and ``start_gaps`` records the gap.
     """
 
     def __init__(self, inner: Callable[[Mapping[str, SiteJob], float], Mapping[str, Any]],
-                 store: Path | None = None) -> None:
+                 store: Path | None = None, replay_uploads: bool = False) -> None:
         self.inner = inner
         self.store = store
+        self.replay_uploads = replay_uploads
+        self.key = job_slot if replay_uploads else job_key
         self.cache: dict[str, SiteResult] = {}
+        self.starts: dict[str, Tensors] = {}  # upload replay: the start each cached upload was trained from
         self.trained = self.replayed = 0
         self.replayed_s = 0.0  # training time that replays stood in for (charged to the replaying strategy)
+        self.start_gaps: list[float] = []  # upload replay: relative_gap of every replayed job
+
+    def _files(self, key: str) -> dict[str, Path]:
+        names = {"json": f"{key}.json", "weights": f"{key}.safetensors"}
+        if self.replay_uploads:
+            names["start"] = f"{key}.start.safetensors"
+        return {part: self.store / name for part, name in names.items()} if self.store else {}
 
     def _stored(self, key: str) -> SiteResult | None:
-        files = [self.store / f"{key}.{ext}" for ext in ("json", "safetensors")] if self.store else []
-        if key not in self.cache and files and all(f.is_file() for f in files):
-            record = json.loads((self.store / f"{key}.json").read_text())
-            weights, _ = load_weights(self.store / f"{key}.safetensors")
+        files = self._files(key)
+        if key not in self.cache and files and all(f.is_file() for f in files.values()):
+            record = json.loads(files["json"].read_text())
+            weights, _ = load_weights(files["weights"])
+            if "start" in files:
+                self.starts[key], _ = load_weights(files["start"])
             self.cache[key] = SiteResult(record["site"], record["round"], record["task"], weights,
                                          record["metrics"], record["seconds"])
         return self.cache.get(key)
 
-    def _keep(self, key: str, result: SiteResult) -> None:
+    def _keep(self, key: str, job: SiteJob, result: SiteResult) -> None:
         self.cache[key] = result
-        if self.store is not None:  # weights first: a JSON without its weights file is never written
-            save_weights(self.store / f"{key}.safetensors", result.weights, {"job": key})
-            atomic_write_json(self.store / f"{key}.json", {"site": result.site, "round": result.round,
-                                                           "task": result.task, "metrics": result.metrics,
-                                                           "seconds": result.seconds})
+        if self.replay_uploads:
+            self.starts[key] = {k: v.clone() for k, v in job.weights.items()}
+        files = self._files(key)
+        if files:  # weights first: a JSON without its weights files is never written
+            save_weights(files["weights"], result.weights, {"job": key})
+            if "start" in files:
+                save_weights(files["start"], self.starts[key], {"job": key})
+            atomic_write_json(files["json"], {"site": result.site, "round": result.round, "task": result.task,
+                                              "metrics": result.metrics, "seconds": result.seconds})
+
+    def _replay(self, key: str, job: SiteJob) -> SiteResult:
+        cached = self.cache[key]
+        weights = {k: v.clone() for k, v in cached.weights.items()}
+        if self.replay_uploads:
+            trained_from = self.starts[key]
+            self.start_gaps.append(relative_gap(job.weights, trained_from, cached.weights))
+            weights = {k: (job.weights[k] + (v - trained_from[k])) if k in trained_from else v
+                       for k, v in weights.items()}
+        return replace(cached, weights=weights, metrics=dict(cached.metrics))
 
     def __call__(self, jobs: Mapping[str, SiteJob], deadline_s: float) -> dict[str, Any]:
-        keys = {site: job_key(job) for site, job in jobs.items()}
+        keys = {site: self.key(job) for site, job in jobs.items()}
         fresh_jobs = {site: job for site, job in jobs.items() if self._stored(keys[site]) is None}
         fresh = dict(self.inner(fresh_jobs, deadline_s)) if fresh_jobs else {}
         results: dict[str, Any] = {}
-        for site in jobs:
+        for site, job in jobs.items():
             if site in fresh_jobs:
                 result = fresh.get(site, "no answer")
                 if isinstance(result, SiteResult):
-                    self._keep(keys[site], result)
+                    self._keep(keys[site], job, result)
                     self.trained += 1
                 results[site] = result
                 continue
-            cached = self.cache[keys[site]]
             self.replayed += 1
-            self.replayed_s += cached.seconds
-            results[site] = replace(cached, weights={k: v.clone() for k, v in cached.weights.items()},
-                                    metrics=dict(cached.metrics))
+            self.replayed_s += self.cache[keys[site]].seconds
+            results[site] = self._replay(keys[site], job)
         return results
 
 
@@ -137,7 +186,8 @@ def prepare_phantom_sites(plan: FederationPlan, num_test: int = 4, log: Callable
     if not all(any(raw.glob(f"Dataset{i:03d}_*")) for i in ids):
         start = time.perf_counter()
         by_id = {int(s.dataset): s for s in plan.sites}
-        annotated = {n + 1: "+".join(dict.fromkeys(t.key for t in by_id[i].stream)) for n, i in enumerate(ids)}
+        annotated = {n + 1: "+".join(dict.fromkeys(o.key for t in by_id[i].stream for o in t.organs))
+                     for n, i in enumerate(ids)}  # a group task (liver+spleen) repeats organs of earlier tasks
         phantom.write_cohort(raw, num_sites=len(ids), num_train=6, num_test=num_test, seed=plan.seed,
                              annotated=annotated, first_dataset_id=ids[0])
         log(f"[bench] phantom cohort {ids} (seed {plan.seed}): {time.perf_counter() - start:.0f} s")
@@ -240,11 +290,12 @@ def run_centralized(plan: FederationPlan, work: Path, base: Mapping[str, Any], d
 
 def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: Path, device: str = "cpu",
              centralized: bool = True, phantom: bool = True, counts: dict[str, int] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, tuple[dict, dict]]:
+             log: Callable[[str], None] = print, replay_uploads: bool = False) -> dict[str, tuple[dict, dict]]:
     """Every strategy (and the centralized reference) on one seed; resumes finished runs.
 
     ``phantom``: write this seed's phantom cohort first (else the plan's sites must already exist).
-    ``counts`` receives the numbers of site rounds trained and replayed.
+    ``counts`` receives the numbers of site rounds trained and replayed. ``replay_uploads``: train each site
+    job once and replay its change for every later strategy (module docstring).
     """
     from nnunet_feddah.federation.site_round import InProcessExecutor
     from nnunet_feddah.nnunet.network import hypernet_base, is_head
@@ -262,7 +313,9 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         prepare_phantom_sites(plan, log=log)
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
-    executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device), store=work / "replay")
+    executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device),
+                                 store=work / ("replay_uploads" if replay_uploads else "replay"),
+                                 replay_uploads=replay_uploads)
     predictions: ResultCache = {}  # one seed's held-out cases: identical weights are evaluated once
     results: dict[str, tuple[dict, dict]] = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -274,11 +327,15 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
                                            log=lambda line, fh=coordinator_log: print(line, file=fh, flush=True))
             resumed_finished = coordinator.finished
             replayed_before, run_start = executor.replayed_s, time.perf_counter()
+            gaps_before = len(executor.start_gaps)
             coordinator.run(executor)
         run_s = time.perf_counter() - run_start
+        gaps = executor.start_gaps[gaps_before:]
         wall_file = work / "states" / f"{name}.wall.json"  # the measured wall time survives a re-run of the bench
         if not resumed_finished:  # saved before the evaluation, so an interrupted evaluation does not lose it
-            atomic_write_json(wall_file, {"wall_s": run_s + (executor.replayed_s - replayed_before)})
+            atomic_write_json(wall_file, {"wall_s": run_s + (executor.replayed_s - replayed_before),
+                                          **({"replay_start_gap_mean": sum(gaps) / len(gaps),
+                                              "replay_start_gap_max": max(gaps)} if gaps else {})})
         kept = work / "evaluations" / name  # beside the run, so a quick and a default report share it
         evaluation = resumed_finished and saved_evaluation(kept / EVALUATION_FILE, state)
         if evaluation:
@@ -291,7 +348,7 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         write_evaluation(out / f"seed_{plan.seed}" / name, evaluation)
         stats = run_stats(state)
         if wall_file.is_file():
-            stats["wall_s"] = json.loads(wall_file.read_text())["wall_s"]
+            stats.update(json.loads(wall_file.read_text()))
         stats["evaluation_s"] = evaluation["seconds"]
         results[name] = (evaluation, stats)
         log(f"[bench] seed {plan.seed} {name:<21} final Dice {format_metric(evaluation['final_mean_dice'])} "
@@ -307,7 +364,8 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
 
 def run_benchmark(plan: FederationPlan, strategies: Sequence[str], seeds: Sequence[int], work: Path, out: Path,
                   iterations_per_epoch: int | None = None, device: str = "cpu", centralized: bool = True,
-                  phantom: bool = True, log: Callable[[str], None] = print, **report_extra: Any) -> Path:
+                  phantom: bool = True, log: Callable[[str], None] = print, replay_uploads: bool = False,
+                  **report_extra: Any) -> Path:
     """Run, evaluate and report every strategy over every seed; returns the report.json path.
 
     With ``phantom`` each seed has its own nnU-Net folders under ``work/seed_<s>`` (a phantom cohort drawn
@@ -326,9 +384,9 @@ def run_benchmark(plan: FederationPlan, strategies: Sequence[str], seeds: Sequen
         seed_work = work / f"seed_{seed}"
         with nnunet_folders(nnunet_env(seed_work) if phantom else None):
             results_by_seed[seed] = run_seed(seed_plan, strategies, seed_work, out, device, centralized, phantom,
-                                             counts, log)
+                                             counts, log, replay_uploads)
     report = write_report(out, results_by_seed, plan.name, iterations_per_epoch=seed_plan.local.iterations_per_epoch,
                           epochs=seed_plan.local.epochs, device=device, bench_wall_s=time.perf_counter() - started,
-                          **counts, **report_extra)
+                          replay_uploads=replay_uploads, **counts, **report_extra)
     log(markdown_table(json.loads(report.read_text())))
     return report

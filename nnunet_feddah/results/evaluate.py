@@ -111,13 +111,18 @@ def _fingerprint(test_sets: Mapping[str, SiteTestSet]) -> str:
     return fingerprints.pop()
 
 
-def last_training_column(plan: FederationPlan, task: Task, steps: Sequence[int]) -> int:
-    """Index of the last time step in whose rounds ``(steps[j-1], steps[j]]`` some site trained ``task``."""
+def training_columns(plan: FederationPlan, task: Task, steps: Sequence[int]) -> list[int]:
+    """Indices of the time steps in whose rounds ``(steps[j-1], steps[j]]`` some site trained ``task``."""
     columns = [j for j, end in enumerate(steps)
                if (plan.last_trained_round(task, end) or 0) > (steps[j - 1] if j else 0)]
     if not columns:
         raise EvaluationError(f"task {task.key} was never trained up to round {steps[-1]}")
-    return columns[-1]
+    return columns
+
+
+def last_training_column(plan: FederationPlan, task: Task, steps: Sequence[int]) -> int:
+    """Index of the last time step in whose rounds some site trained ``task``."""
+    return training_columns(plan, task, steps)[-1]
 
 
 def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
@@ -171,10 +176,12 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
     torch_device = torch.device(device)
     cache = {} if cache is None else cache
     counts = {"run": 0, "reused": 0}
+    memory = {}  # what the server holds at each time step, against the number of tasks it holds
     for j, round_index in enumerate(steps):
         strategy = checkpoint.load_strategy(files[round_index], fingerprint, is_head)
         strategy_name = strategy.name
         trained = strategy.tasks(trained_only=True)
+        memory[str(round_index)] = {"tasks": len(trained), "bytes": int(strategy.bytes_held())}
         for task in plan.tasks_trained_by(round_index):
             i = keys.index(task.key)
             if task.key not in trained:  # every upload of it so far was rejected: there is no model to report
@@ -202,8 +209,9 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
     if not matrices:
         raise EvaluationError("no site has labelled held-out cases (imagesTs + labelsTs); nothing was evaluated")
     mean = mean_matrix(matrices)
-    last_trained = {t.key: last_training_column(plan, t, steps) for t in tasks}
-    metrics = fcl_metrics(mean, last_trained)
+    columns = {t.key: training_columns(plan, t, steps) for t in tasks}
+    metrics = fcl_metrics(mean, {k: c[-1] for k, c in columns.items()}, {k: c[0] for k, c in columns.items()})
+    last_trained = {k: c[-1] for k, c in columns.items()}
     per_organ = {organ: [nanmean([values[j] for values in by_site.values()]) for j in range(len(steps))]
                  for organ, by_site in organ_values.items()}
     return {
@@ -211,6 +219,7 @@ def evaluate_state(plan: FederationPlan, state_dir: os.PathLike | str, device: s
         "state": str(state_dir.resolve()), "steps": steps, "tasks": keys,
         "dice_matrix": mean.to_json(), "per_site": {s: m.to_json() for s, m in matrices.items()},
         "per_organ": per_organ,
+        "server_bytes_by_step": memory,
         "last_trained_step": {k: steps[v] for k, v in last_trained.items()},
         "cases": {s: sorted(t.images) for s, t in test_sets.items()},
         **metrics,

@@ -10,9 +10,12 @@ whose interval some site trained the task. With that:
 * **BWT** (backward transfer, Lopez-Paz & Ranzato 2017) — mean over old tasks of ``R[i, T] − R[i, k_i]``,
   ``k_i`` the column where task *i* was last trained; negative = forgetting;
 * **forgetting** (Chaudhry et al. 2018) — mean over old tasks of ``max_{j < T} R[i, j] − R[i, T]``,
-  the drop from the task's best earlier value (negative when a task got better later).
+  the drop from the task's best earlier value (negative when a task got better later);
+* **new task after its first round** (transfer) — mean over tasks first trained after the first time step of
+  ``R[i, f_i]``, ``f_i`` the first column in whose interval some site trained task *i*: what a new task
+  reaches from the start the federation gives it (with ``rounds_per_step`` 1, after one round).
 
-Both are None when there is no old task (a single time step, or every task trained in the last one).
+BWT and forgetting are None when there is no old task (a single time step, or every task trained in the last one).
 """
 
 from __future__ import annotations
@@ -83,10 +86,13 @@ def mean_matrix(per_site: Mapping[str, DiceMatrix]) -> DiceMatrix:
     return DiceMatrix(list(first.tasks), list(first.steps), values)
 
 
-def fcl_metrics(matrix: DiceMatrix, last_trained_column: Mapping[str, int]) -> dict[str, Any]:
-    """Final mean Dice, forgetting and BWT of one Dice matrix (module docstring has the definitions).
+def fcl_metrics(matrix: DiceMatrix, last_trained_column: Mapping[str, int],
+                first_trained_column: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Final mean Dice, forgetting, BWT and (given ``first_trained_column``) the new tasks' Dice after their
+    first time step, of one Dice matrix (module docstring has the definitions).
 
-    ``last_trained_column[task]``: index of the last column in whose interval some site trained ``task``.
+    ``last_trained_column[task]`` / ``first_trained_column[task]``: index of the last / first column in whose
+    interval some site trained ``task``.
     """
     missing = [t for t in matrix.tasks if t not in last_trained_column]
     if missing:
@@ -105,10 +111,13 @@ def fcl_metrics(matrix: DiceMatrix, last_trained_column: Mapping[str, int]) -> d
             bwt.append(final_value - trained)
         if math.isfinite(final_value) and np.isfinite(earlier).any():
             forgetting.append(float(np.nanmax(earlier)) - final_value)
+    first = first_trained_column or {}
+    new_tasks = [matrix.values[i, first[t]] for i, t in enumerate(matrix.tasks) if first.get(t, 0) > 0]
     return {
         "final_mean_dice": _metric(list(final)),
         "forgetting": _metric(forgetting),
         "bwt": _metric(bwt),
+        "new_task_first_dice": _metric(new_tasks),
         "old_tasks": [matrix.tasks[i] for i in old],
         "final_dice": {t: _json_float(v) for t, v in zip(matrix.tasks, final, strict=True)},
     }

@@ -84,6 +84,8 @@ def strategy_entry(evaluation: Mapping[str, Any], stats: Mapping[str, Any]) -> d
         "bytes_per_site_round": int(stats["bytes_per_site_round"]),
         "per_site": evaluation.get("per_site", {}),
         "per_organ": evaluation.get("per_organ", {}),
+        "new_task_first_dice": _num(evaluation.get("new_task_first_dice")),
+        "server_bytes_by_step": evaluation.get("server_bytes_by_step", {}),
         "old_tasks": evaluation.get("old_tasks", []),
         **{k: v for k, v in stats.items() if k not in REQUIRED_KEYS},
     }
@@ -324,10 +326,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                  f"the 95 % confidence interval of the mean (Student's t; none with one seed). A paired difference "
                  f"whose interval contains 0 is unresolved: it is not a result.")
     lines.append("")
-    lines += ["| strategy | seeds | final mean Dice | forgetting | BWT | server memory MB (= models) | "
-              "server update (s) | wall (s) | MB per site-round | update lost, mean (max) | site's change lost | "
-              "Δ final mean Dice vs feddah [95 % CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| strategy | seeds | final mean Dice | forgetting | BWT | new task after its 1st step | "
+              "server memory MB (= models) | server update (s) | wall (s) | MB per site-round | "
+              "update lost, mean (max) | site's change lost | Δ final mean Dice vs feddah [95 % CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in report["strategies"].items():
         ci = e.get("ci95", {})
         model_bytes = e["bytes_per_site_round"] / 2  # one model's weights (down + up = 2 models per site-round)
@@ -338,11 +340,29 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"| {name} | {e.get('n_seeds', 1)} | {format_mean_ci(e['final_mean_dice'], ci.get('final_mean_dice'))} | "
             f"{format_mean_ci(e['forgetting'], ci.get('forgetting'), '+.3f')} | "
             f"{format_mean_ci(e['bwt'], ci.get('bwt'), '+.3f')} | "
+            f"{format_mean_ci(e.get('new_task_first_dice'), ci.get('new_task_first_dice'))} | "
             f"{format_mean_ci(e['server_bytes'], ci.get('server_bytes'), '.2f', 1e6)}{models} | "
             f"{format_mean_ci(e['server_update_s'], ci.get('server_update_s'), '.1f')} | "
             f"{format_mean_ci(e['wall_s'], ci.get('wall_s'), '.0f')} | {e['bytes_per_site_round'] / 1e6:.2f} | "
             f"{_lost(e)} | {format_metric(e.get('site_change_lost_mean'))} | {paired} |")
-    return "\n".join(lines)
+    return "\n".join(lines + memory_lines(report))
+
+
+def memory_lines(report: Mapping[str, Any]) -> list[str]:
+    """Server memory (MB, mean over seeds) at every time step against the number of tasks held, per strategy."""
+    curves = {name: e["server_bytes_by_step"] for name, e in report["strategies"].items()
+              if e.get("server_bytes_by_step")}
+    if not curves:
+        return []
+    rounds = sorted({int(r) for curve in curves.values() for r in curve})
+    tasks = {r: next((c[str(r)]["tasks"] for c in curves.values() if str(r) in c), None) for r in rounds}
+    lines = ["", "Server memory (MB) after each time step, by the number of tasks it holds:", "",
+             "| strategy | " + " | ".join(f"round {r} ({tasks[r]} tasks)" for r in rounds) + " |",
+             "|---|" + "---|" * len(rounds)]
+    for name, curve in curves.items():
+        cells = [format_metric(curve[str(r)]["bytes"] / 1e6, ".2f") if str(r) in curve else "–" for r in rounds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _lost(entry: Mapping[str, Any]) -> str:
