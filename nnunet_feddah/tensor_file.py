@@ -9,24 +9,43 @@ raise the caller's error type with the caller's name for the file, so a bad file
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from nnunet_feddah.atomic import atomic_path
 
 
 def write_tensors(path: os.PathLike | str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Atomically write ``tensors`` (detached CPU copies, so views and shared storage are fine) with ``metadata``."""
+    """Atomically write ``tensors`` (detached CPU copies, so views and shared storage are fine) with ``metadata``.
+
+    The same tensors and metadata give the same bytes in every process (:func:`canonical_bytes`), so two
+    identical coordinator states hash identically."""
     path = Path(path)
     payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(payload, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})
+        tmp.write_bytes(canonical_bytes(save(payload, metadata={str(k): str(v) for k, v in metadata.items()})))
     return path
+
+
+def canonical_bytes(data: bytes) -> bytes:
+    """A safetensors file with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process (the tensors'
+    entries are already sorted), so the same state would hash differently on every write. Offsets in the header
+    are relative to the data section, so the rewritten header only needs its own length and 8-byte padding."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def _open(path: Path, what: str, error: type[Exception], missing_fix: str):

@@ -88,6 +88,29 @@ def test_weights_file_round_trip_and_errors(tmp_path):
         read_header(tmp_path / "foreign.safetensors")
 
 
+def test_the_same_weights_give_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders its metadata by a per-process hash seed; the writer sorts it (identical states hash
+    identically, issue 37). Two fresh interpreters with different hash seeds write one file each."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from nnunet_feddah.nnunet.weights import save_weights; "
+              "save_weights(sys.argv[1], {'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(4)}, "
+              "{'task': 'kidneys', 'organs': '2,3', 'dataset': 'Dataset601_x', 'trainer': 'FedDAHTrainer', "
+              "'note': 'ü'})")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"w{seed}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded, meta = load_weights(tmp_path / "w1.safetensors")
+    assert torch.equal(loaded["b"], torch.arange(6.).reshape(2, 3)) and meta["note"] == "ü"
+
+
 def test_paired_cpu_batches_give_the_batch_one_result_and_leave_the_network_as_it_was():
     torch.manual_seed(0)
     model = net.build_network(_template(), num_outputs=3, deep_supervision=False).eval()
