@@ -17,6 +17,7 @@ from nnunet_feddah.federation.plans_round import (
     PLANS_DIR,
     FingerprintRoundError,
     ensure_shared_plans,
+    round_plans,
     round_record,
 )
 from nnunet_feddah.federation.site_data import validate_sites
@@ -153,3 +154,16 @@ def test_a_federation_over_flower_plans_in_a_fingerprint_round_then_trains(raw_s
     assert {s["status"] for s in committed.history[0]["sites"].values()} == {"accepted"}
     log = (state / "coordinator.log").read_text()
     assert "fingerprint round (statistics): asking" in log and "fingerprint round done" in log
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_object", "field_missing", "plans_file_gone"])
+def test_a_damaged_fingerprint_round_record_is_refused_with_the_way_back(tmp_path: Path, damage: str):
+    folder = tmp_path / "state" / PLANS_DIR
+    folder.mkdir(parents=True)
+    record = {"plans_file": "FedDAHPlansCPU.json", "architecture_fingerprint": "sha256:x", "training_cases": {"a": 5}}
+    text = {"truncated": json.dumps(record)[:40], "not_an_object": "[1, 2]",
+            "field_missing": json.dumps({**record, "training_cases": None})}.get(damage, json.dumps(record))
+    (folder / "fingerprint_round.json").write_text(text)
+    with pytest.raises(FingerprintRoundError, match=r"(?s)(fingerprint_round|FedDAHPlansCPU)\.json: .*damaged.*Fix"):
+        round_plans(tmp_path / "state")
+    assert (folder / "fingerprint_round.json").read_text() == text  # nothing was changed

@@ -91,10 +91,38 @@ def _run_site_command(args: list[str], site: str, stage: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- coordinator
+RECORD_FIELDS = {"plans_file": str, "architecture_fingerprint": str, "training_cases": dict}
+
+
+def _damaged(path: Path, problem: str) -> FingerprintRoundError:
+    return FingerprintRoundError(
+        f"{path}: {problem}. The fingerprint round's record is damaged; nothing was changed. Fix: restore "
+        f"{path.parent} from a backup, or, if no round has been committed yet, move {path.parent} aside and run "
+        f"the same command again to repeat the fingerprint round")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path, f"not readable JSON ({exc})") from None
+
+
 def round_record(state_dir: Path) -> dict[str, Any] | None:
-    """The finished round's record in ``state_dir``, or None (no round, or one that did not finish)."""
+    """The finished round's record in ``state_dir``, or None (no round, or one that did not finish).
+
+    A record that is there but damaged is an error naming the file and the way back, never None: treating it
+    as absent would plan the federation again over a state that already trained on the old plans."""
     path = Path(state_dir) / PLANS_DIR / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    if not isinstance(record, dict):
+        raise _damaged(path, f"holds a {type(record).__name__}, expected an object")
+    for name, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(name), kind):
+            raise _damaged(path, f"field '{name}' is {record.get(name)!r}, expected a {kind.__name__}")
+    return record
 
 
 def round_plans(state_dir: Path) -> tuple[dict[str, Any], str, dict[str, int]] | None:
@@ -102,7 +130,7 @@ def round_plans(state_dir: Path) -> tuple[dict[str, Any], str, dict[str, int]] |
     record = round_record(state_dir)
     if record is None:
         return None
-    plans = json.loads((Path(state_dir) / PLANS_DIR / record["plans_file"]).read_text())
+    plans = _read_json(Path(state_dir) / PLANS_DIR / Path(record["plans_file"]).name)
     return plans, record["architecture_fingerprint"], dict(record["training_cases"])
 
 
