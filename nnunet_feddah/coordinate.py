@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from nnunet_feddah.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from nnunet_feddah.federation.checkpoint import private_files
 from nnunet_feddah.federation.coordinator import DEFAULT_ROUND_ATTEMPTS
 from nnunet_feddah.federation.lock import Holder, state_lock
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
@@ -169,10 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.in_process or args.local:  # a deployment's ServerApp takes the lock on its own host
-            log = file_logger(state / COORDINATOR_LOG)
-            with state_lock(state, mode, log=log) as lock:
-                ok = (run_in_process(plan, state, work, args, log) if args.in_process
-                      else run_local(plan, state, work, args, lock))
+            with private_files():  # logs, superlink.db, launcher.json, shared_plans/: owner-only
+                log = file_logger(state / COORDINATOR_LOG)
+                with state_lock(state, mode, log=log) as lock:
+                    ok = (run_in_process(plan, state, work, args, log) if args.in_process
+                          else run_local(plan, state, work, args, lock))
         else:
             ok = run_deployment(plan, args)
     except (KeyboardInterrupt, SystemExit):

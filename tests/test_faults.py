@@ -115,6 +115,43 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     assert said and f"pid {dead_pid}" in said[0] and "gone" in said[0]
 
 
+def test_deleting_the_lock_file_does_not_free_the_state(tmp_path):
+    with state_lock(tmp_path / "state", "in-process"):
+        (tmp_path / "state" / LOCK_FILE).unlink()  # the lock is on the folder: the file only names the holder
+        with pytest.raises(StateBusyError, match="unknown process.*coordinator.lock was removed"):
+            with state_lock(tmp_path / "state", "flower ServerApp"):
+                pass
+    with state_lock(tmp_path / "state", "in-process"):
+        pass
+
+
+def test_a_delegated_serverapp_keeps_the_state_when_its_launcher_is_killed(tmp_path):
+    """The --local launcher dies (SIGKILL) while the ServerApp it started still runs: nobody else gets in."""
+    import signal
+    import time
+
+    state = tmp_path / "state"
+    script = ("import sys, time; from nnunet_feddah.federation.lock import state_lock\n"
+              "with state_lock(sys.argv[1], 'local'):\n    print('held', flush=True); time.sleep(120)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "held"
+        token = json.loads((state / LOCK_FILE).read_text())["token"]
+        said: list[str] = []
+        with state_lock(state, "flower ServerApp", delegated_token=token, log=said.append):
+            launcher.send_signal(signal.SIGKILL)
+            launcher.wait(timeout=30)
+            time.sleep(0.5)
+            with pytest.raises(StateBusyError):
+                with state_lock(state, "in-process"):
+                    pass
+            assert any("delegating coordinator is gone" in line for line in said)
+    finally:
+        launcher.kill()
+    with state_lock(state, "in-process"):  # released when the ServerApp's block ends
+        pass
+
+
 def test_in_process_coordinate_refuses_a_state_another_process_holds(tmp_path, phantom_federation):
     plan = {**plan_dict(), "sites": [{"name": "a", "dataset": phantom_federation["partial"], "stream": ["liver"]}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))

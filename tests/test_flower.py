@@ -360,6 +360,9 @@ def test_local_federation_survives_killed_site_and_killed_launcher(phantom_feder
     assert b_nodes == {str(info["node_ids"]["b"])}, b_nodes  # restarted SuperNodes keep the node id
     assert not procs.marked(_launch_info(state)["launch_id"])  # the second launcher left nothing behind
     assert "federation finished" in output and str(state / "checkpoint.json") in output
+    # logs, superlink.db, launcher.json and the rest: owner-only, as docs/DEPLOYMENT.md says (issue 37)
+    shared = [p for p in [state, *state.rglob("*")] if p.stat().st_mode & 0o077]
+    assert not shared, [f"{p.relative_to(state)} {oct(p.stat().st_mode & 0o777)}" for p in shared]
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,20 @@ RECORD = "checkpoint.json"
 PREVIOUS_RECORD = "checkpoint.previous.json"
 STEPS_DIR = "steps"
 PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Within the block, every file and folder this process or a process it starts creates is owner-only.
+
+    A state folder holds more than the commits written with explicit modes here: the coordinator log, Flower's
+    ``superlink.db``, ``launcher.json`` and ``shared_plans/`` (each site's released statistics), written by other
+    modules and by child processes; a umask of 077 covers them all. The previous umask comes back afterwards."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 RECORD_FORMAT = "nnunet-feddah-coordinator/1"
 
 

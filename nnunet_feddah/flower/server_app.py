@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from nnunet_feddah.federation.checkpoint import private_files
 from nnunet_feddah.federation.coordinator import DEFAULT_MAX_RELATIVE_CHANGE, DEFAULT_ROUND_ATTEMPTS
 from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
@@ -42,6 +43,11 @@ def run_config(context: Context) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    with private_files():  # the state folder's files are owner-only, whoever writes them
+        _serve(grid, context)
+
+
+def _serve(grid: Grid, context: Context) -> None:
     config = run_config(context)
     state_dir = Path(str(config["state-dir"]))
     log = file_logger(state_dir / COORDINATOR_LOG)
