@@ -180,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit):
         print("stopped by a signal; everything started here has been ended", file=sys.stderr)
         ok = False
+    except FederationPlanError as exc:  # e.g. a resume under a changed plan: running again would not help
+        print(f"error: {exc}", file=sys.stderr)
+        print(where(plan, state, work, mode))
+        print("federation NOT resumed: the plan and the state disagree (see the error above)")
+        return EXIT_INVALID
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         ok = False

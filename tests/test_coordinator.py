@@ -10,6 +10,7 @@ import torch
 
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.coordinator import Coordinator, RoundFailed, SiteJob, SiteResult
+from nnunet_feddah.federation.plan import FederationPlanError
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.organs import BY_LABEL
@@ -143,10 +144,18 @@ def test_resume_after_crash_repeats_nothing_and_loses_nothing(tmp_path, base, ho
     assert [h["round"] for h in resumed.history] == [1, 2]
 
 
-def test_resume_refuses_another_plan(tmp_path, base):
+def test_resume_refuses_another_plan_naming_the_field_but_lets_operational_fields_change(tmp_path, base):
     open_coordinator(tmp_path / "state", base).run(synthetic_executor)
-    with pytest.raises(checkpoint.CheckpointError, match="plan_hash"):
+    with pytest.raises(FederationPlanError, match=r"(?s)plan_hash.*strategy.name: \"feddah\" -> \"fedavg\".*Fix"):
         open_coordinator(tmp_path / "state", base, strategy="fedavg")
+    changed = {**plan_dict(), "sites": [{**s, "stream": ["kidneys", "liver"]} if s["name"] == "a" else s
+                                        for s in plan_dict()["sites"]]}
+    with pytest.raises(FederationPlanError, match=r'sites\[0\].stream\[1\]: "spleen" -> "liver"'):
+        Coordinator.open(parse_plan(changed, "unit.json"), tmp_path / "state", base, is_head, FINGERPRINT)
+    # a longer deadline and data moved to another nnU-Net folder: the same federation, resumed
+    moved = {**plan_dict(), "round_deadline_s": 7200, "nnunet_root": str(tmp_path / "elsewhere")}
+    resumed = Coordinator.open(parse_plan(moved, "unit.json"), tmp_path / "state", base, is_head, FINGERPRINT)
+    assert resumed.finished
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavg-per-task", "local", "feddah-noLR", "feddah-noWs",

@@ -9,7 +9,6 @@ coordinator restarted from the state folder resumes after the last committed rou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -22,7 +21,7 @@ import torch
 
 from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.federation import checkpoint
-from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan import FederationPlan, check_same_plan, plan_hash, plan_identity
 from nnunet_feddah.method.aggregate import change_lost, norm
 from nnunet_feddah.method.registry import make_strategy
 from nnunet_feddah.method.strategy import Strategy, Tensors, Upload
@@ -78,11 +77,6 @@ class UploadRejected(FedDAHError, ValueError):
 
 
 Executor = Callable[[Mapping[str, SiteJob], float], Mapping[str, "SiteResult | BaseException | str"]]
-
-
-def plan_hash(plan: FederationPlan) -> str:
-    """Identity of a plan's content, so a state folder is never resumed under another plan."""
-    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_number(value: Any) -> bool:
@@ -252,11 +246,7 @@ class Coordinator:
         if committed is None:
             strategy = make_strategy(plan.strategy.name, plan.strategy.params, base, is_head)
             return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, **limits)
-        if committed.record.get("plan_hash") != plan_hash(plan):
-            raise checkpoint.CheckpointError(
-                f"{committed.path}: field 'plan_hash' is {committed.record.get('plan_hash')}, this plan "
-                f"({plan.source}) hashes to {plan_hash(plan)}; resume with the plan that started it or use a new "
-                f"--state folder")
+        check_same_plan(committed.record, plan, str(committed.path))
         committed.require_fingerprint(fingerprint, f"the sites' plans give {fingerprint}")
         strategy = committed.load_strategy(is_head)
         log(f"resuming {plan.name} after committed round {committed.round} from {state_dir}")
@@ -327,7 +317,8 @@ class Coordinator:
         start = time.perf_counter()
         summary.seconds = start - started
         self.history.append(summary.to_json())
-        record = {"plan": self.plan.name, "plan_hash": plan_hash(self.plan), "history": self.history,
+        record = {"plan": self.plan.name, "plan_hash": plan_hash(self.plan),
+                  "plan_identity": plan_identity(self.plan), "history": self.history,
                   "site_steps": {s: self.plan.site_step(s, round_index) for s in self.plan.site_names}}
         try:
             checkpoint.commit(self.state_dir, round_index, self.strategy, self.fingerprint, record, self.mid_commit,

@@ -12,6 +12,8 @@ only the standard library and the base modules, so a coordinator reads a plan wi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -301,3 +303,52 @@ def _check_round(round_number: int) -> int:
     if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
         raise ValueError(f"round numbers are integers >= 1 (1-based), got {round_number!r}")
     return round_number
+
+
+# ---------------------------------------------------------------------------------------------- identity
+#: Where the sites' data lie and how long a round may wait: an operator may change them on resume.
+OPERATIONAL_FIELDS = ("nnunet_root", "round_deadline_s")
+
+
+def plan_identity(plan: FederationPlan) -> dict[str, Any]:
+    """What a state folder's rounds depend on: the plan without its :data:`OPERATIONAL_FIELDS`."""
+    out = {k: v for k, v in plan.to_json().items() if k not in OPERATIONAL_FIELDS}
+    out["sites"] = [{k: v for k, v in s.items() if k not in OPERATIONAL_FIELDS} for s in out["sites"]]
+    return out
+
+
+def plan_hash(plan: FederationPlan) -> str:
+    """Identity of a plan's content, so a state folder is never resumed under another plan."""
+    return _digest(plan_identity(plan))
+
+
+def _digest(data: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_changes(before: Any, after: Any, where: str = "") -> list[str]:
+    """The fields in which two plan identities differ, as ``field: before -> after`` lines."""
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        return [line for key in dict.fromkeys([*before, *after])
+                for line in plan_changes(before.get(key, "(absent)"), after.get(key, "(absent)"),
+                                         f"{where}.{key}" if where else str(key))]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [line for i, (b, a) in enumerate(zip(before, after, strict=True))
+                for line in plan_changes(b, a, f"{where}[{i}]")]
+    return [] if before == after else [f"{where}: {json.dumps(before)} -> {json.dumps(after)}"]
+
+
+def check_same_plan(record: Mapping[str, Any], plan: FederationPlan, where: str) -> None:
+    """Refuse a state committed under another plan, naming the fields that changed and what to do.
+
+    A record written before operational fields were left out of the identity carries the hash of the whole
+    plan; it still matches the plan it was run with."""
+    if record.get("plan_hash") in (plan_hash(plan), _digest(plan.to_json())):
+        return
+    changed = plan_changes(record["plan_identity"], plan_identity(plan)) if "plan_identity" in record else []
+    detail = ("; ".join(changed[:5]) + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")
+              if changed else "the record predates plan identities, so the changed field cannot be named")
+    raise FederationPlanError(plan.source, [
+        f"{where} was committed under another plan (field 'plan_hash' {record.get('plan_hash')}, this plan "
+        f"{plan_hash(plan)}): {detail}. Fix: resume with the plan that started it (only "
+        f"{', '.join(OPERATIONAL_FIELDS)} may change on resume), or start the changed plan in a new --state folder"])

@@ -30,8 +30,7 @@ import torch
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.errors import FedDAHError, run_cli
 from nnunet_feddah.federation import checkpoint
-from nnunet_feddah.federation.coordinator import plan_hash
-from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError, check_same_plan
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_under
 from nnunet_feddah.organs import BY_LABEL, Task, annotated_organs
@@ -129,10 +128,10 @@ def snapshot_files(plan: FederationPlan, state_dir: Path) -> dict[int, Path]:
     """The time-step snapshots evaluation needs; every step up to the last committed round must have one."""
     committed = checkpoint.require_committed(state_dir)
     record = committed.record
-    if record.get("plan_hash") != plan_hash(plan):
-        raise EvaluationError(f"{committed.path}: field 'plan_hash' is {record.get('plan_hash')}, but "
-                              f"plan {plan.source} hashes to {plan_hash(plan)}. Fix: pass the plan this state was run "
-                              f"with (its time steps and tasks define the evaluation)")
+    try:
+        check_same_plan(record, plan, str(committed.path))
+    except FederationPlanError as exc:  # the plan's time steps and tasks define the evaluation
+        raise EvaluationError(exc.problems[0]) from None
     steps = [r for r in plan.time_steps if r <= record["round"]]
     if not steps:
         raise EvaluationError(f"{committed.path}: field 'round' is {record['round']}, before the first "
