@@ -181,6 +181,19 @@ def test_state_files_are_owner_only_and_hashed(committed_state):
         assert path.stat().st_mode & 0o077 == 0, path
 
 
+def test_a_damaged_old_snapshot_does_not_block_exporting_the_final_model(committed_state):
+    from nnunet_feddah.results.export import load_state
+
+    old = checkpoint.snapshot_path(committed_state, 1)
+    data = bytearray(old.read_bytes())
+    data[-5] ^= 0x01  # one bit of a tensor in the round-1 snapshot
+    old.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=r"strategy-r0*1.*does not match the sha256"):
+        checkpoint.require_committed(committed_state)  # evaluation reads every snapshot: refused
+    strategy, committed = load_state(committed_state, FINGERPRINT)  # export reads only the final strategy
+    assert committed.round == 2 and strategy.tasks()
+
+
 def test_a_deleted_record_is_refused_not_restarted(committed_state, base):
     (committed_state / checkpoint.RECORD).unlink()
     before = _files(committed_state)

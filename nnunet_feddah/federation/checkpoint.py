@@ -114,10 +114,12 @@ class Committed:
     def load_strategy(self, is_head: IsHead) -> Strategy:
         return load_strategy(self.strategy_file, self.fingerprint, is_head)
 
-    def verify(self) -> None:
-        """Check the strategy file and every time-step snapshot against the hashes the record holds."""
+    def verify(self, snapshots: bool = True) -> None:
+        """Check the strategy file (and, with ``snapshots``, every time-step snapshot) against the record's hashes."""
         files = {self.strategy_file: self.record.get("strategy_sha256")}
-        files.update({snapshot_path(self.state_dir, int(r)): h for r, h in (self.record.get("snapshots") or {}).items()})
+        if snapshots:
+            files.update({snapshot_path(self.state_dir, int(r)): h
+                          for r, h in (self.record.get("snapshots") or {}).items()})
         for path, expected in files.items():
             if expected is None:  # a record written before hashes were kept
                 continue
@@ -186,12 +188,16 @@ def read_committed(state_dir: os.PathLike | str, verify: bool = True) -> Committ
     return committed
 
 
-def require_committed(state_dir: os.PathLike | str) -> Committed:
-    """Like :func:`read_committed`, but a folder without a commit is an error naming the fix."""
-    committed = read_committed(state_dir)
+def require_committed(state_dir: os.PathLike | str, snapshots: bool = True) -> Committed:
+    """Like :func:`read_committed`, but a folder without a commit is an error naming the fix.
+
+    ``snapshots=False`` checks only the final strategy file: a reader of the final model (export) is not
+    stopped by damage to an old time-step snapshot it never reads."""
+    committed = read_committed(state_dir, verify=False)
     if committed is None:
         raise CheckpointError(f"{Path(state_dir)} has no {RECORD}: not a coordinator state folder, or no round has "
                               f"been committed yet. Fix: pass the --state folder of `nnfeddah coordinate`")
+    committed.verify(snapshots)
     return committed
 
 

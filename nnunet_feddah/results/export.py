@@ -74,7 +74,7 @@ def load_state(state_dir: os.PathLike | str, fingerprint: str) -> tuple[Strategy
     from nnunet_feddah.nnunet.network import is_head
 
     try:
-        committed = checkpoint.require_committed(state_dir)
+        committed = checkpoint.require_committed(state_dir, snapshots=False)  # an old snapshot's damage is not ours
         committed.require_fingerprint(fingerprint, f"the shared plans give {fingerprint}. Fix: export with the plans "
                                                    f"the federation trained")
         return committed.load_strategy(is_head), committed
