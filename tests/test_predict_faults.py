@@ -185,6 +185,14 @@ def test_check_case_catches_channel_and_geometry_mismatches(model_folder, tmp_pa
         stream.write(b"\0" * 352)
     problem = SharedPlans(plans, dataset_json).check_case("e", {0: str(tmp_path / "e_0000.nii.gz")})
     assert problem is not None and "e_0000.nii.gz: not readable by SimpleITKIO" in problem
+    # a NaN block: ITK would read it as 0 and the model would segment water; refused naming the file (issue 37)
+    poisoned = sitk.GetArrayFromImage(image).astype(np.float32)
+    poisoned[:2, :2, :2] = np.nan
+    nan_image = sitk.GetImageFromArray(poisoned)
+    nan_image.CopyInformation(image)
+    sitk.WriteImage(nan_image, str(tmp_path / "n_0000.nii.gz"))
+    problem = SharedPlans(plans, dataset_json).check_case("n", {0: str(tmp_path / "n_0000.nii.gz")})
+    assert problem is not None and "n_0000.nii.gz: 8 NaN or infinite voxel(s)" in problem
 
 
 def test_task_model_from_checkpoint_still_loads(model_folder):

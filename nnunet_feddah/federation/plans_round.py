@@ -85,7 +85,8 @@ def _run_site_command(args: list[str], site: str, stage: str) -> None:
     """``nnfeddah ARGS`` in a child process; its error (already naming file, field and fix) is raised as ours."""
     done = subprocess.run([sys.executable, "-m", "nnunet_feddah.cli", *args], capture_output=True, text=True)
     if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip())[-3000:]
+        # nnU-Net prints some of its errors (e.g. the file its integrity check failed on) on stdout: keep both
+        tail = "\n".join(part[-1500:] for part in (done.stdout.strip(), done.stderr.strip()) if part)
         raise FingerprintRoundError(f"site {site}, stage {stage!r}: `nnfeddah {' '.join(args)}` failed "
                                     f"(exit {done.returncode}): {tail}")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError, SitePlan
+from nnunet_feddah.nnunet.case_checks import CaseError, check_split
 from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_name
 from nnunet_feddah.nnunet.task_data import TaskNotAvailableError, check_task_available, organ_case_counts
 from nnunet_feddah.paths import CONFIGURATION
@@ -82,6 +83,7 @@ def _check_site(plan: FederationPlan, i: int, s: SitePlan, check_cases: bool, pr
         else:
             problems.append(f"{where}: no preprocessed cases in {data_folder}. {install_fix}")
     _check_streams(where, s, dataset_json, pre / "dataset.json", counts, data_folder, problems)
+    _check_split(where, dataset_json, folders["nnUNet_raw"] / name, pre, problems)
     if len(problems) > start:
         return None
     organ_cases = {o.key: counts.get(o.label, 0) for t in s.stream for o in t.organs} if counts is not None else {}
@@ -106,6 +108,16 @@ def _check_streams(where: str, s: SitePlan, dataset_json: Mapping, dataset_json_
                             f"drop these organs from the stream")
 
 
+def _check_split(where: str, dataset_json: Mapping, raw: Path, preprocessed: Path, problems: list[str]) -> None:
+    """Enough training cases for nnU-Net's split (else every round would fail inside nnU-Net)."""
+    cases = _declared_cases(dataset_json)
+    if cases is not None:
+        try:
+            check_split(cases, raw, preprocessed)
+        except CaseError as exc:
+            problems.append(f"{where}: {exc}")
+
+
 def _declared_cases(dataset_json: Mapping) -> int | None:
     declared = dataset_json.get("numTraining")
     return declared if isinstance(declared, int) and not isinstance(declared, bool) else None
@@ -122,6 +134,7 @@ def _raw_site(where: str, s: SitePlan, name: str, raw_json: Path, plans_file: Pa
         problems.append(f"{where}: {raw_json} is not valid JSON ({exc}). Fix: write the site dataset again")
         return None
     _check_streams(where, s, dataset_json, raw_json, None, None, problems)
+    _check_split(where, dataset_json, raw_json.parent, plans_file.parent, problems)
     if len(problems) > start:
         return None
     return SiteData(s.name, name, plans_file.parent, plans_file, "", {}, _declared_cases(dataset_json))

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_feddah.atomic import atomic_write_json
+from nnunet_feddah.nnunet.case_checks import CaseError, check_case, label_values
 from nnunet_feddah.nnunet.fingerprint_merge import (
     CT_GRID,
     DEFAULT_MIN_COUNT,
@@ -64,7 +65,7 @@ CONTENTS = (
 
 
 def _foreground_values(image_files: Sequence[str], label_file: str, reader_writer_class: type,
-                       case: str) -> tuple[list[float], list[int], float, list[np.ndarray]]:
+                       case: str, allowed_labels: set[int]) -> tuple[list[float], list[int], float, list[np.ndarray]]:
     """One case as nnU-Net's fingerprint extractor sees it: spacing, cropped shape, relative size, foreground.
 
     nnU-Net's reader, nnU-Net's ``crop_to_nonzero``, and its foreground: cropped label > 0 (crop_to_nonzero
@@ -80,15 +81,14 @@ def _foreground_values(image_files: Sequence[str], label_file: str, reader_write
     try:
         reader = reader_writer_class()
         images, properties = reader.read_images(list(image_files))
-        segmentation, _ = reader.read_seg(label_file)
+        segmentation, label_properties = reader.read_seg(label_file)
     except Exception as exc:  # nnU-Net's readers raise anything from RuntimeError to ITK errors
         raise FingerprintError(f"case {case!r}: cannot read {list(image_files)} / {label_file}: "
                                f"{type(exc).__name__}: {exc}; re-export the case or remove it from imagesTr") from exc
-    if images.shape[1:] != segmentation.shape[1:]:
-        raise FingerprintError(f"case {case!r}: image shape {images.shape[1:]} != label shape "
-                               f"{segmentation.shape[1:]} ({label_file}); the label must match its image")
-    if not np.isfinite(images).all():
-        raise FingerprintError(f"case {case!r}: {list(image_files)} contains NaN or infinite values")
+    try:  # geometry, finite values, declared labels: each names its file
+        check_case(case, image_files, label_file, images, properties, segmentation, label_properties, allowed_labels)
+    except CaseError as exc:
+        raise FingerprintError(str(exc)) from None
     cropped, seg_cropped, _ = crop_to_nonzero(images, segmentation)
     foreground = seg_cropped[0] > 0
     relative = float(np.prod(cropped.shape[1:]) / np.prod(images.shape[1:]))
@@ -131,7 +131,8 @@ def site_statistics(dataset: str | int, grid: IntensityGrid = CT_GRID, min_count
         if len(files["images"]) != len(channels):
             raise FingerprintError(f"case {case!r}: {len(files['images'])} image file(s) for {len(channels)} "
                                    f"channel(s) of {raw / 'dataset.json'}; add the missing channel")
-        spacing, shape, rel, values = _foreground_values(files["images"], files["label"], reader_class, case)
+        spacing, shape, rel, values = _foreground_values(files["images"], files["label"], reader_class, case,
+                                                         label_values(dataset_json))
         spacings.append(spacing)
         shapes.append(shape)
         relative.append(rel)

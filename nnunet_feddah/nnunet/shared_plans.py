@@ -31,6 +31,7 @@ import numpy as np
 
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.errors import FedDAHError, run_cli
+from nnunet_feddah.nnunet.case_checks import check_raw_dataset
 from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_id, dataset_name
 from nnunet_feddah.paths import CONFIGURATION, bundled_plans_dir, require_nnunet_env
 
@@ -191,6 +192,8 @@ def install(datasets: Sequence[str | int], template: str | None = None, plans_fi
     plans_name = shared["plans_name"]
     for name in dict.fromkeys([ref, *names]):
         start = time.perf_counter()
+        if verify:  # names the file of a NaN image, an undeclared label value or a label off its image's grid
+            check_raw_dataset(folders["nnUNet_raw"] / name)
         (folders["nnUNet_preprocessed"] / name).mkdir(parents=True, exist_ok=True)
         with _quiet(f"fingerprint of {name}"):
             extract_fingerprint_dataset(dataset_id(name), num_processes=num_processes,

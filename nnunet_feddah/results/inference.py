@@ -30,6 +30,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.nnunet import network as net
+from nnunet_feddah.nnunet.case_checks import non_finite_voxels
 from nnunet_feddah.nnunet.validation import dice_from_counts
 from nnunet_feddah.paths import CONFIGURATION
 from nnunet_feddah.results.amos_channels import NUM_SLOTS, pad_heads_to_amos
@@ -107,7 +108,7 @@ class SharedPlans:
         writer and takes the whole folder down. Checked here, in order: the channel files are exactly
         those dataset.json's ``channel_names`` ask for; a ``.gz`` file is one complete gzip stream (read
         through: truncation raises EOFError, a corrupt stream BadGzipFile or a CRC error); the plans'
-        reader can read each file; each is one 3D volume; the channels agree in shape and spacing.
+        reader can read each file; each is one 3D volume of finite values; the channels agree in shape and spacing.
         Each file is read once more by :meth:`prepare` — cheap next to the sliding window.
         """
         problem = self._channel_problem(case, files)
@@ -133,6 +134,9 @@ class SharedPlans:
                 return (f"{path}: 4D image (reads as {data.shape[0]} volumes of {tuple(data.shape[1:])}), expected "
                         f"3D: one volume per channel file. Fix: split it into {case}_0000{self.file_ending}, "
                         f"{case}_0001{self.file_ending}… if those are channels")
+            bad = max(int(np.count_nonzero(~np.isfinite(data))), non_finite_voxels(path))
+            if bad:  # ITK reads a stored NaN as 0: it would be segmented as water, silently
+                return f"{path}: {bad} NaN or infinite voxel(s); repair or re-export the image"
             spacing = np.asarray(properties["spacing"], dtype=float)
             if first is None:
                 first = (path, tuple(data.shape[1:]), spacing)
