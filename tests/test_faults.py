@@ -17,9 +17,10 @@ import torch
 from test_coordinator import FINGERPRINT, assert_same, plan_dict, strategy_bytes, synthetic_executor, synthetic_site
 
 from nnunet_feddah.federation import checkpoint
-from nnunet_feddah.federation.coordinator import Coordinator, RoundFailed, SiteResult, UploadRejected, validate_upload
+from nnunet_feddah.federation.coordinator import Coordinator, RoundFailed, SiteResult
 from nnunet_feddah.federation.lock import LOCK_FILE, StateBusyError, state_lock
 from nnunet_feddah.federation.plan_reader import parse_plan
+from nnunet_feddah.federation.upload_checks import UploadRejected, validate_upload
 from nnunet_feddah.flower import messages
 from nnunet_feddah.nnunet.network import hypernet_base, is_head
 from nnunet_feddah.paths import bundled_plans_dir
@@ -247,7 +248,7 @@ def test_coordinate_reports_a_damaged_state_once(committed_state, tmp_path, phan
                                   "metrics_list", "mean_dice_string", "dice_list", "iterations_float", "seconds_nan",
                                   "js_nan", "js_inf", "all_zero", "times_1_99", "unrelated", "dtype", "not_tensors",
                                   "dice_foreign_organ", "dice_100k_keys", "metrics_huge", "metrics_deep",
-                                  "metrics_not_json"])
+                                  "metrics_not_json", "norm_bias_shifted"])
 def test_hostile_uploads_are_rejected(base, kind):
     coordinator = _open(Path("/nonexistent-unused"), base)
     job = coordinator.jobs(1)["a"]
@@ -277,6 +278,9 @@ def test_hostile_uploads_are_rejected(base, kind):
         bad.metrics["notes"] = nested
     elif kind == "metrics_not_json":
         bad.metrics["notes"] = {1, 2}
+    elif kind == "norm_bias_shifted":  # one tensor far off its scale, too small for the global bounds to see
+        name = min((k for k in bad.weights if k.endswith("norm.bias")), key=lambda k: bad.weights[k].numel())
+        bad.weights[name] = job.weights[name] + 2.0
     elif kind == "seconds_nan":
         bad.seconds = float("nan")
     elif kind in ("js_nan", "js_inf"):  # it steers W_s: a NaN once crashed the generators' SVD (issue 37)
@@ -297,7 +301,7 @@ def test_hostile_uploads_are_rejected(base, kind):
     expected = {"unrelated": "relative change 1.4", "times_1_99": "norm is 1.990",
                 "js_nan": "'predictive_js.all' is nan", "js_inf": "'predictive_js.all' is inf",
                 "dice_foreign_organ": "organ.*outside the task", "dice_100k_keys": "bytes as JSON|outside the task",
-                "metrics_huge": "bytes as JSON", "metrics_deep": "nested deeper", "metrics_not_json": "not plain JSON",
+                "metrics_huge": "bytes as JSON", "norm_bias_shifted": r"norm.bias moved by 20.0x its own scale", "metrics_deep": "nested deeper", "metrics_not_json": "not plain JSON",
                 }.get(kind)
     with pytest.raises(UploadRejected, match=expected):
         validate_upload(job, bad, coordinator.max_relative_change, max_training_cases=4)

@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array
 
 from nnunet_feddah.federation import checkpoint
-from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 from nnunet_feddah.flower import app_dir, messages
 from nnunet_feddah.flower.executor import FlowerExecutor
 from nnunet_feddah.flower.launch import procs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key, relative_gap
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_feddah.errors import FedDAHError
-from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.nnunet.datasets import dataset_name, nnunet_folders
 from nnunet_feddah.nnunet.round_config import RoundConfig

@@ -29,7 +29,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 from nnunet_feddah.flower import messages
 
 TTL_MARGIN_S = 120.0  # a message outlives the round deadline, so a slow site's reply is still storable

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from nnunet_feddah.errors import FedDAHError
-from nnunet_feddah.federation.coordinator import SiteJob, SiteResult
+from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 
 TRAIN = "train"
 FINGERPRINT_ROUND = "query.fingerprint_round"  # Flower's "query" category, our action (a custom handler)
