@@ -29,6 +29,7 @@ from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
 from nnunet_feddah.federation.plan import FederationPlan, FederationPlanError
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.site_data import validate_sites
+from nnunet_feddah.federation.start import parse_case_counts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="training device for the sites (local / in-process)")
     p.add_argument("--max-relative-change", type=float, default=None, help="reject uploads that move the weights "
                                                                             "more than this (relative L2)")
+    p.add_argument("--training-cases", default="", metavar="SITE=N[,SITE=N]",
+                   help="each site's training cases, bounding what its uploads may claim (default: the fingerprint "
+                        "round's counts, the sites' dataset.json here, else each site's first upload registers it)")
     p.add_argument("--round-attempts", type=int, default=DEFAULT_ROUND_ATTEMPTS,
                    help=f"tries of a round in which no upload is accepted before the run stops "
                         f"(default {DEFAULT_ROUND_ATTEMPTS})")
@@ -91,7 +95,8 @@ def run_in_process(plan: FederationPlan, state: Path, work: Path, args: argparse
     executor = InProcessExecutor(plan, work, args.device)
     ensure_shared_plans(plan, state, executor.ask, log)
     coordinator = open_coordinator(plan, state, log=log, max_relative_change=args.max_relative_change,
-                                   round_attempts=args.round_attempts)
+                                   round_attempts=args.round_attempts,
+                                   operator_cases=parse_case_counts(args.training_cases, plan))
     coordinator.run(executor)
     return coordinator.finished
 
@@ -102,6 +107,8 @@ def run_local(plan: FederationPlan, state: Path, work: Path, args: argparse.Name
     from nnunet_feddah.flower.launch.local import LocalFederation
 
     extra = {"lock-token": lock.token, "round-attempts": args.round_attempts}
+    if args.training_cases:
+        extra["training-cases"] = args.training_cases
     if args.max_relative_change is not None:
         extra["max-relative-change"] = args.max_relative_change
     with LocalFederation(plan, state, work, args.device, run_config=extra) as federation:
@@ -113,7 +120,7 @@ def run_deployment(plan: FederationPlan, args: argparse.Namespace) -> bool:
     from nnunet_feddah.flower.launch.remote import run_remote
 
     finished = run_remote(plan, args.state.resolve(), args.superlink, args.root_certificates, args.plans_file,
-                          args.work, args.max_relative_change, args.app_spec)
+                          args.work, args.max_relative_change, args.app_spec, args.training_cases)
     return finished and _committed(args.state) >= plan.total_rounds
 
 
@@ -158,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = check(args.plan, None if (args.local or args.in_process) else args.plans_file, args.state.resolve(),
                      sites_here=args.local or args.in_process)
+    except FederationPlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        parse_case_counts(args.training_cases, plan)
     except FederationPlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID

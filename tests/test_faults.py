@@ -313,10 +313,39 @@ def test_an_inflated_case_count_cannot_take_over_fedavg(tmp_path, base):
     results = synthetic_executor(jobs, 0)
     results["b"].metrics["num_training_cases"] = 10 ** 9
     summary = coordinator.apply(1, jobs, results)
-    assert summary.sites["b"]["status"] == "rejected" and "declares only 5" in summary.sites["b"]["reason"]
+    assert summary.sites["b"]["status"] == "rejected" and "holds only 5 training cases for b" in summary.sites["b"]["reason"]
     after = strategy_bytes(coordinator)
     trunk = next(k for k in after if k.startswith("global/encoder") and after[k].numel() > 1)
     assert torch.equal(after[trunk], results["a"].weights[trunk.removeprefix("global/")])  # a's upload, alone
+
+
+def test_without_a_recorded_count_a_site_registers_its_first_claim_and_cannot_inflate_it_later(tmp_path, base):
+    """A deployment with --plans-file has no fingerprint round and no site data on the coordinator's host."""
+    said: list[str] = []
+    coordinator = _open(tmp_path / "state", base, "fedavg")
+    coordinator.log = said.append
+    jobs = coordinator.jobs(1)
+    coordinator.apply(1, jobs, synthetic_executor(jobs, 0))  # both claim 4: registered
+    assert coordinator.training_cases == {"a": 4, "b": 4} and any("b: registered 4 training cases" in x for x in said)
+    resumed = _open(tmp_path / "state", base, "fedavg")  # the registration is part of the committed state
+    assert resumed.training_cases == {"a": 4, "b": 4}
+    jobs = resumed.jobs(2)
+    results = synthetic_executor(jobs, 0)
+    results["b"].metrics["num_training_cases"] = 10 ** 9
+    summary = resumed.apply(2, jobs, results)
+    assert summary.sites["b"]["status"] == "rejected"
+    assert "'num_training_cases' is 1000000000" in summary.sites["b"]["reason"] and "only 4 training cases for b" in \
+        summary.sites["b"]["reason"] and "--training-cases" in summary.sites["b"]["reason"]
+    # the operator's count (or a fingerprint round's) replaces the registration
+    assert _open(tmp_path / "state", base, "fedavg", training_cases={"b": 9}).training_cases == {"a": 4, "b": 9}
+    from nnunet_feddah.federation.plan import FederationPlanError
+    from nnunet_feddah.federation.start import parse_case_counts
+
+    plan = parse_plan(plan_dict("fedavg"), "unit.json")
+    assert parse_case_counts("a=40, b=25", plan) == {"a": 40, "b": 25} and parse_case_counts("", plan) == {}
+    for wrong in ("c=4", "a=0", "a=x", "a"):
+        with pytest.raises(FederationPlanError, match="--training-cases"):
+            parse_case_counts(wrong, plan)
 
 
 def test_an_unmeasured_dice_is_recorded_as_null_and_the_state_stays_strict_json(tmp_path, base):

@@ -96,8 +96,20 @@ class Coordinator:
         committed.require_fingerprint(fingerprint, f"the sites' plans give {fingerprint}")
         strategy = committed.load_strategy(is_head)
         log(f"resuming {plan.name} after committed round {committed.round} from {state_dir}")
+        # counts registered by earlier uploads stay; a count given now (fingerprint round, dataset.json, the
+        # operator's --training-cases) is the coordinator's own record and takes precedence
+        registered = {**(committed.record.get("training_cases") or {}), **(limits.pop("training_cases", None) or {})}
         return cls(plan, state_dir, strategy, fingerprint, log, max_relative_change, committed.history,
-                   committed.round, **limits)
+                   committed.round, training_cases=registered, **limits)
+
+    def _register_cases(self, site: str, claimed: int) -> None:
+        """A site without a recorded case count registers the count of its first accepted upload; later
+        claims are bounded by it (:func:`validate_upload`), and only the operator can raise it."""
+        if site not in self.training_cases:
+            self.training_cases[site] = int(claimed)
+            self.log(f"{site}: registered {claimed} training cases (its first accepted upload; no fingerprint round "
+                     f"or dataset.json on this host gave a count). Later uploads may claim at most this; to change "
+                     f"it, run the coordinator with --training-cases {site}=N")
 
     @property
     def next_round(self) -> int:
@@ -135,6 +147,7 @@ class Coordinator:
                     raise UploadRejected(f"site failed: {result}")
                 validate_upload(job, result, self.max_relative_change, self.training_cases.get(site))
                 accepted.append((job, result))
+                self._register_cases(site, result.metrics["num_training_cases"])
                 line.update(status="accepted", mean_dice=measured(result.metrics.get("mean_dice")),
                             dice={k: measured(v) for k, v in (result.metrics.get("dice") or {}).items()},
                             train_loss=result.metrics.get("train_loss"),
@@ -165,6 +178,7 @@ class Coordinator:
         self.history.append(summary.to_json())
         record = {"plan": self.plan.name, "plan_hash": plan_hash(self.plan),
                   "plan_identity": plan_identity(self.plan), "history": self.history,
+                  "training_cases": dict(self.training_cases),
                   "site_steps": {s: self.plan.site_step(s, round_index) for s in self.plan.site_names}}
         try:
             checkpoint.commit(self.state_dir, round_index, self.strategy, self.fingerprint, record, self.mid_commit,

@@ -73,7 +73,7 @@ def measured(value: Any) -> float | None:
 
 
 def validate_metrics(metrics: Any, max_training_cases: int | None = None,
-                     organ_keys: Collection[str] | None = None) -> None:
+                     organ_keys: Collection[str] | None = None, site: str = "the site") -> None:
     """Every metric the coordinator reads, stores or weights by, typed and bounded (a site is not trusted).
 
     ``organ_keys``: the organs of the task the site was sent; ``dice`` may name no other."""
@@ -97,8 +97,10 @@ def validate_metrics(metrics: Any, max_training_cases: int | None = None,
     if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
         raise UploadRejected(f"metrics field 'num_training_cases' is {cases!r}, expected an integer ≥ 1")
     if max_training_cases is not None and cases > max_training_cases:
-        raise UploadRejected(f"metrics field 'num_training_cases' is {cases}, but the site's dataset declares only "
-                             f"{max_training_cases} training cases")
+        raise UploadRejected(f"metrics field 'num_training_cases' is {cases}, but the coordinator's record "
+                             f"(fingerprint round, dataset.json or the site's registration) holds only "
+                             f"{max_training_cases} training cases for {site}; an operator who knows better sets "
+                             f"--training-cases SITE=N")
     dice = metrics.get("dice")
     if dice is not None and not isinstance(dice, Mapping):
         raise UploadRejected(f"metrics field 'dice' is {dice!r}, expected an object organ -> Dice")
@@ -160,8 +162,8 @@ def validate_upload(job: SiteJob, result: SiteResult, max_relative_change: float
         raise UploadRejected(f"{len(collapsed)} tensor(s) sent non-zero came back all zero (e.g. {collapsed[:3]})")
     if not _is_number(result.seconds) or not math.isfinite(result.seconds) or result.seconds < 0:
         raise UploadRejected(f"field 'seconds' is {result.seconds!r}, expected a finite number ≥ 0")
-    validate_metrics(result.metrics, max_training_cases, [BY_LABEL[label].key for label in job.organs
-                                                          if label in BY_LABEL])
+    validate_metrics(result.metrics, max_training_cases,
+                     [BY_LABEL[label].key for label in job.organs if label in BY_LABEL], job.site)
 
 
 def _tensor_change(sent: torch.Tensor, received: torch.Tensor) -> float:

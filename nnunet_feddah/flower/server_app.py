@@ -24,7 +24,7 @@ from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.logfile import COORDINATOR_LOG, file_logger
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.plans_round import ensure_shared_plans
-from nnunet_feddah.federation.start import open_coordinator
+from nnunet_feddah.federation.start import open_coordinator, parse_case_counts
 from nnunet_feddah.flower import TIMINGS_FILE
 from nnunet_feddah.flower.executor import FlowerExecutor
 
@@ -64,7 +64,8 @@ def _serve(grid: Grid, context: Context) -> None:
                 ensure_shared_plans(plan, state_dir, executor.ask, log)
             coordinator = open_coordinator(plan, state_dir, plans_file, log,
                                            float(config.get("max-relative-change", DEFAULT_MAX_RELATIVE_CHANGE)),
-                                           int(config.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)))
+                                           int(config.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)),
+                                           parse_case_counts(str(config.get("training-cases", "")), plan))
             if coordinator.finished:
                 log(f"nothing to do: all {coordinator.plan.total_rounds} rounds are committed in {state_dir}")
                 return

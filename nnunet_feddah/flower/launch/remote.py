@@ -145,7 +145,7 @@ def watch_run(cli: FlwrCli, run_id: int, tail: LogTail, tick: Callable[[], None]
 
 def run_remote(plan: FederationPlan, state: Path, superlink: str, root_certificates: Path,
                plans_file: Path | None, work: Path | None, max_change: float | None,
-               app_spec: str | None = None) -> bool:
+               app_spec: str | None = None, training_cases: str = "") -> bool:
     """``app_spec`` (``@nnunet-feddah/nnunet-feddah-app==x.y.z``): run the signed app the SuperLink fetches
     from its app server (``serve`` below) — needed when the sites run with ``--trusted-entities``; without
     it the installed app folder is sent unsigned."""
@@ -166,6 +166,8 @@ def run_remote(plan: FederationPlan, state: Path, superlink: str, root_certifica
         config["plans-file"] = str(plans_file.resolve())
     if max_change is not None:
         config["max-relative-change"] = max_change
+    if training_cases:
+        config["training-cases"] = training_cases
     tail = LogTail(state / COORDINATOR_LOG)
     run_id = cli.run(app_spec or stage_app(state / "flower" / "app"), config)
     record.write_text(json.dumps({"run_id": run_id, "superlink": superlink}))
