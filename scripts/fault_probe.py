@@ -57,8 +57,10 @@ def _synthetic(job, scale: float = 0.02):
     g = torch.Generator().manual_seed(job.round * 10 + len(job.site))
     weights = {k: v + scale * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g)
                for k, v in job.weights.items()}
-    metrics = {"task": job.task, "train_loss": 0.5, "iterations": 2, "dice": {"x": 0.5}, "mean_dice": 0.5,
-               "num_training_cases": 4}
+    from nnunet_feddah.organs import BY_LABEL
+
+    metrics = {"task": job.task, "train_loss": 0.5, "iterations": 2, "dice": {BY_LABEL[job.organs[0]].key: 0.5},
+               "mean_dice": 0.5, "num_training_cases": 4}
     return SiteResult(job.site, job.round, job.task, weights, metrics, 0.1)
 
 
@@ -122,6 +124,21 @@ def probe_coordinator(work: Path) -> None:
 
     upload_case("mean_dice = 'high' (crashes the final table)", metric("mean_dice", "high"))
     upload_case("dice = [0.5] (not an object)", metric("dice", [0.5]))
+    upload_case("dice names another organ (NaN)", metric("dice", {"x": float("nan")}))
+    upload_case("dice with 100,000 keys (grew checkpoint.json to 5.4 MB)",
+                metric("dice", {f"o{i}": 0.5 for i in range(100_000)}))
+    upload_case("metrics nested 50 levels deep", metric("notes", json.loads("[" * 50 + "]" * 50)))
+    upload_case("predictive_js.all = NaN (crashed the generators' SVD)",
+                metric("predictive_js", {"all": float("nan"), "foreground": 0.1}))
+    upload_case("num_training_cases = 1e9, no count on the coordinator's host",
+                cases(10 ** 9), {"training_cases": {"b": 4}})  # as registered by b's first upload
+
+    def shift_norm_bias(job, result):
+        name = min((k for k in result.weights if k.endswith("norm.bias")), key=lambda k: result.weights[k].numel())
+        result.weights[name] = job.weights[name] + 2.0
+        return result
+
+    upload_case("one norm bias shifted by 2 (too small for the global bounds)", shift_norm_bias)
     upload_case("all-zero weights", lambda job, r: type(r)(r.site, r.round, r.task,
                                                             {k: torch.zeros_like(v) for k, v in r.weights.items()},
                                                             r.metrics, r.seconds))
@@ -168,6 +185,59 @@ def probe_coordinator(work: Path) -> None:
     damage_case("strategy file overwritten with random values", randomise)
     damage_case("strategy file truncated", lambda s: strategy_file(s).write_bytes(strategy_file(s).read_bytes()[:999]))
     damage_case("time-step snapshot replaced", lambda s: (s / "steps" / "strategy-r0001.safetensors").write_bytes(b"x"))
+
+    from nnunet_feddah.federation.lock import StateBusyError, state_lock
+    from nnunet_feddah.federation.plan import FederationPlanError
+    from nnunet_feddah.federation.plans_round import PLANS_DIR, FingerprintRoundError, round_plans
+    from nnunet_feddah.results.export import load_state
+
+    state = finished_state("snapshot_bitflip")
+    old = state / "steps" / "strategy-r0001.safetensors"
+    old.write_bytes(old.read_bytes()[:-1] + bytes([old.read_bytes()[-1] ^ 1]))
+    try:
+        load_state(state, "sha256:probe")
+        _row("bit flip in an old time-step snapshot, then export", "final model exported (evaluation refuses the "
+             "snapshot)", 0, "yes")
+    except Exception as exc:  # noqa: BLE001 - any refusal is the defect this row looks for
+        _row("bit flip in an old time-step snapshot, then export", f"export refused: {str(exc)[:50]}", 0, "yes")
+
+    state = finished_state("plan_changed")
+    before = _files(state)
+    changed = parse_plan({**_plan_dict(), "sites": [{**_plan_dict()["sites"][0], "stream": ["kidneys", "liver"]},
+                                                    _plan_dict()["sites"][1]]}, "probe.json")
+    try:
+        Coordinator.open(changed, state, base, is_head, "sha256:probe", log=lambda *_: None)
+        _row("resume under a changed plan", "accepted silently", "?", False)
+    except FederationPlanError as exc:
+        named = "stream[1]" in str(exc)
+        _row("resume under a changed plan", "refused, naming the field" if named else "refused, field not named",
+             0, _files(state) == before)
+    longer = parse_plan({**_plan_dict(), "round_deadline_s": 9999}, "probe.json")
+    resumed = Coordinator.open(longer, state, base, is_head, "sha256:probe", log=lambda *_: None)
+    _row("resume with a longer round deadline", "resumed" if resumed.finished else "refused", 0, _files(state) == before)
+
+    state = work / "lock_deleted"
+    with state_lock(state, "in-process"):
+        (state / "coordinator.lock").unlink()
+        try:
+            with state_lock(state, "flower ServerApp"):
+                _row("coordinator.lock deleted under a running coordinator", "second coordinator ran", 0, False)
+        except StateBusyError:
+            _row("coordinator.lock deleted under a running coordinator", "second coordinator refused", 0, "yes")
+
+    state = finished_state("fingerprint_record")
+    (state / PLANS_DIR).mkdir()
+    (state / PLANS_DIR / "fingerprint_round.json").write_text('{"plans_file": "FedDAHPl')
+    try:
+        round_plans(state)
+        _row("shared_plans/fingerprint_round.json truncated", "accepted silently", "?", False)
+    except FingerprintRoundError as exc:
+        _row("shared_plans/fingerprint_round.json truncated", f"refused: {str(exc).split(': ', 1)[1][:45]}", 0, "yes")
+
+    twins = [finished_state(f"twin_{i}") for i in range(2)]
+    same = _files(twins[0]).keys() == _files(twins[1]).keys() and all(
+        _files(twins[0])[k] == _files(twins[1])[k] for k in _files(twins[0]) if k.endswith(".safetensors"))
+    _row("two identical runs: tensor files byte-identical", "identical" if same else "differ", 0, "yes" if same else "NO")
 
     state = finished_state("permissions")
     loose = [str(p.relative_to(state)) for p in [state, *state.rglob("*")] if p.stat().st_mode & 0o077
