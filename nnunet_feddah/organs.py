@@ -49,6 +49,9 @@ ORGANS: tuple[Organ, ...] = (
     Organ(15, "prostate_uterus", "prostate/uterus", "prostate/uterus", ("prostate", "uterus", "prostate,uterus")),
 )
 
+#: The label value (and first output channel of every task network) of everything that is no organ.
+BACKGROUND = 0
+
 #: Named organ groups usable as task names. Order inside a group is the output-channel order.
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "kidneys": ("right_kidney", "left_kidney"),

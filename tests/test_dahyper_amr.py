@@ -153,7 +153,6 @@ def test_predictive_history_weight_rises_with_the_sites_divergence():
         assert (ws(claim).value, ws(claim).measure) == (config.fixed_similarity, "fixed")
     with pytest.raises(ValueError, match="similarity must be one of"):
         AMRConfig(similarity="cosine")
-    assert AMRConfig(similarity="js").similarity == "weights"  # strategy files written before the rename
 
 
 def test_case_weighted_history_is_fedavg_across_time(base):

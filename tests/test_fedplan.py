@@ -139,7 +139,6 @@ def test_cpu_precision_reaches_the_round_config():
 
 
 def test_strategy_spellings():
-    assert parse_plan({**MINIMAL, "strategy": {"name": "fedavg_per_task"}}).strategy.name == "fedavg-per-task"
     with pytest.raises(FederationPlanError, match="did you mean 'fedavg-per-task'"):
         parse_plan({**MINIMAL, "strategy": {"name": "fedavg-per-tsk"}})
 

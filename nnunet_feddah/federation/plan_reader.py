@@ -24,7 +24,7 @@ from nnunet_feddah.federation.plan import (
     SitePlan,
     StrategySpec,
 )
-from nnunet_feddah.method.registry import STRATEGIES, canonical_strategy
+from nnunet_feddah.method.registry import STRATEGIES
 from nnunet_feddah.organs import ORGANS, TASK_GROUPS, Task, UnknownOrganError
 from nnunet_feddah.paths import bundled_plans_dir
 
@@ -281,7 +281,6 @@ def parse_plan(data: Any, source: str = "<in-memory>", base_dir: os.PathLike | s
     raw_strategy = data.get("strategy")
     if "strategy" in data and reader.section(raw_strategy, "strategy", STRATEGY_FIELDS):
         s_name = reader.string(raw_strategy, "name", "strategy")
-        s_name = canonical_strategy(s_name) if s_name is not None else None
         params = raw_strategy.get("params", {})
         if s_name is not None and s_name not in STRATEGIES:
             close = difflib.get_close_matches(s_name, STRATEGIES, n=1)

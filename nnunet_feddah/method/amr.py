@@ -64,7 +64,6 @@ from nnunet_feddah.method.similarity import HistoryWeight, history_weight
 NEW_TASK_STARTS = ("donor", "composed")
 EXACT_RESIDUALS = ("active", "never", "always")
 SIMILARITIES = ("predictive", "weights", "fixed", "cases")
-SIMILARITY_ALIASES = {"js": "weights"}  # the spelling of states written before 2026-12-02 (weight histograms)
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,6 @@ class AMRConfig:
     def __post_init__(self) -> None:
         if self.beta < 0 or self.ridge <= 0 or self.code_trust < 0:
             raise ValueError("AMRConfig: beta and code_trust must be ≥ 0 and ridge > 0")
-        object.__setattr__(self, "similarity", SIMILARITY_ALIASES.get(self.similarity, self.similarity))
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"AMRConfig.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.ws_js_mid <= 0 or self.ws_js_scale <= 0:

@@ -26,9 +26,8 @@ import torch
 
 from nnunet_feddah.errors import FedDAHError
 from nnunet_feddah.method.quantize import QuantizedTensor, dequantize_all, from_tensors, to_tensors
+from nnunet_feddah.organs import BACKGROUND
 from nnunet_feddah.tensor_checks import non_finite, shape_mismatches
-
-BACKGROUND = 0
 
 
 @dataclass(frozen=True)

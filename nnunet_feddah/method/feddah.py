@@ -39,7 +39,6 @@ class FedDAHStrategy(Strategy):
     def __init__(self, hyper: DAHyper, amr_config: AMRConfig) -> None:
         self.hyper = hyper
         self.amr = AMR(hyper, amr_config)
-        self.allocation_reports: list[dict[str, Any]] = []
 
     @classmethod
     def create(cls, base: Mapping[str, torch.Tensor], is_head: IsHead, params: Mapping[str, Any]) -> FedDAHStrategy:
@@ -48,8 +47,7 @@ class FedDAHStrategy(Strategy):
 
     def weights_for(self, site: str, task: str, organs: Sequence[int], round_index: int) -> Tensors:
         if task not in self.hyper.tasks:
-            report = self.amr.allocate(task, organs, round_index)
-            self.allocation_reports.append(report.to_json())
+            self.amr.allocate(task, organs, round_index)
         elif self.hyper.tasks[task].organs != list(organs):
             raise ValueError(f"task {task!r} is registered with organs {self.hyper.tasks[task].organs}, "
                              f"site {site} asked for {list(organs)}")

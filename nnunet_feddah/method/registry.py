@@ -49,17 +49,10 @@ FEDDAH_ABLATIONS: dict[str, dict[str, Any]] = {
     "feddah-idleLowrank": {"generators": True, "idle_bits": 0},
 }
 STRATEGIES = ("feddah", *FEDDAH_ABLATIONS, *(n for n in STRATEGY_CLASSES if n != "feddah"))
-STRATEGY_ALIASES = {"fedavg_per_task": "fedavg-per-task"}  # spelling of plans and states written before 2026-11-28
-
-
-def canonical_strategy(name: str) -> str:
-    """The strategy's name as :data:`STRATEGIES` spells it (older spellings accepted)."""
-    return STRATEGY_ALIASES.get(name, name)
 
 
 def make_strategy(name: str, params: Mapping[str, Any], base: Mapping[str, torch.Tensor], is_head: IsHead) -> Strategy:
     """A fresh strategy from a plan's ``strategy`` section and the network's initial organ-slot weights."""
-    name = canonical_strategy(name)
     if name in FEDDAH_ABLATIONS:
         name, params = "feddah", {**params, **FEDDAH_ABLATIONS[name]}
     if name not in STRATEGY_CLASSES:
@@ -72,7 +65,7 @@ def saved_strategy_name(path: os.PathLike | str) -> str:
     meta = read_strategy_metadata(path)
     if meta.get("format") == HYPERNET_FORMAT:
         return json.loads(meta["info"]).get("extra", {}).get("strategy", FedDAHStrategy.name)
-    return canonical_strategy(meta.get("strategy", ""))
+    return meta.get("strategy", "")
 
 
 def load_strategy(path: os.PathLike | str, fingerprint: str, is_head: IsHead) -> Strategy:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from nnunet_feddah.errors import FedDAHError
-from nnunet_feddah.method.dahyper import BACKGROUND
+from nnunet_feddah.organs import BACKGROUND
 from nnunet_feddah.tensor_file import read_header, read_tensors, write_tensors
 
 Tensors = dict[str, torch.Tensor]

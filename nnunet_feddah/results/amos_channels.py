@@ -17,8 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from nnunet_feddah.errors import FedDAHError
-from nnunet_feddah.method.dahyper import BACKGROUND
-from nnunet_feddah.organs import BY_LABEL, ORGANS, organs_in_dataset_json
+from nnunet_feddah.organs import BACKGROUND, BY_LABEL, ORGANS, organs_in_dataset_json
 
 NUM_SLOTS = max(BY_LABEL) + 1  # background + AMOS organs 1..15: output channel == AMOS id
 SUPPRESSION_MARGIN = 30.0  # logit gap below background for organs outside the task (e^-30 ≈ 1e-13)

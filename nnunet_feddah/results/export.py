@@ -35,10 +35,9 @@ from nnunet_feddah.errors import FedDAHError, run_cli
 from nnunet_feddah.federation import checkpoint
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import load_plan
-from nnunet_feddah.method.dahyper import BACKGROUND
 from nnunet_feddah.method.strategy import Strategy
 from nnunet_feddah.nnunet.datasets import DatasetNotFoundError, dataset_id, dataset_under
-from nnunet_feddah.organs import Task
+from nnunet_feddah.organs import BACKGROUND, Task
 from nnunet_feddah.paths import CONFIGURATION
 from nnunet_feddah.results.amos_channels import NUM_SLOTS, SUPPRESSION_MARGIN, amos_dataset_json, pad_heads_to_amos
 from nnunet_feddah.results.nnunet_folder import (
