@@ -98,13 +98,21 @@ def test_flower_only_in_flower_and_nnunet_not_in_the_coordinator_side():
     assert not nnunet, nnunet
 
 
-def test_long_modules_say_why():
-    long = []
-    for rel, path in _modules().items():
-        text = path.read_text()
-        if text.count("\n") > 400 and "Over 400 lines" not in (ast.get_docstring(ast.parse(text)) or ""):
-            long.append(f"{rel}: {text.count(chr(10))} lines")
-    assert not long, long
+#: Modules allowed over MAX_LINES, each with its reason; an entry that is no longer long must go.
+MAX_LINES = 400
+LONG_MODULES = {
+    "data/amos.py": "one conversion whose steps feed each other through its own case and site types",
+    "data/anatomy.py": "one _Builder draws a patient from one random stream in a fixed order",
+    "results/report.py": "the schema check, the seed aggregation, the table and the plots read one report layout",
+}
+
+
+def test_modules_stay_short_unless_listed_with_a_reason():
+    lines = {rel: path.read_text().count("\n") for rel, path in _modules().items()}
+    long = [f"{rel}: {n} lines" for rel, n in lines.items() if n > MAX_LINES and rel not in LONG_MODULES]
+    assert not long, f"over {MAX_LINES} lines, and not in LONG_MODULES with a reason: {long}"
+    stale = [rel for rel in LONG_MODULES if lines.get(rel, 0) <= MAX_LINES]
+    assert not stale, f"LONG_MODULES entries that are no longer long (remove them): {stale}"
 
 
 def test_every_room_says_what_it_holds_and_may_import():
