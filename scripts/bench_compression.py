@@ -96,7 +96,7 @@ def lowrank_store(base: Weights, exact: Weights, rank: int) -> tuple[Weights, in
 def measure(runs: list, ranks: list[int], bits: list[int], mid: bool, log: Callable[[str], None]) -> list[dict]:
     from nnunet_feddah.nnunet.weights import load_weights
     from nnunet_feddah.organs import Task
-    from nnunet_feddah.results.learning_curve import held_out_scorer
+    from nnunet_feddah.research.learning_curve import held_out_scorer
 
     rows = []
     donors = {run.seed: run for run in runs if run.organ == DONOR}
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     pool = (args.out.parent / "bench_server" / f"pool_{args.chunks}chunks").resolve()
     os.environ.update(nnunet_env(pool))  # before any nnU-Net import: it reads the folders at import time
-    from nnunet_feddah.results.learning_curve import snapshot_runs
+    from nnunet_feddah.research.learning_curve import snapshot_runs
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

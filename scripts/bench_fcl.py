@@ -16,7 +16,7 @@ confidence interval over seeds and as the paired per-seed difference against ``f
 go idle after one round and stay idle, liver, spleen, pancreas and stomach reach a second site later, liver+spleen
 is learned last on top of 12), the exact store ``fedavg-per-task-donor`` (which trains every site job), then
 ``feddah`` (4-bit idle store) and ``feddah-idleLowrank`` (the rank-8 generators, idle remainder dropped: a plain
-rank-8 per-task store) replayed over its uploads (``--replay-uploads``, nnunet_feddah.results.benchmark), and
+rank-8 per-task store) replayed over its uploads (``--replay-uploads``, nnunet_feddah.research.benchmark), and
 the centralized reference. The report adds server memory at every time step and each new task's Dice after its
 first round. Everything lands
 in --work (default ./work/bench_fcl): one nnU-Net root, site work and coordinator state per seed and
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.federation.plan_reader import load_plan
     from nnunet_feddah.method.registry import STRATEGIES
     from nnunet_feddah.paths import nnunet_env
-    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES, run_benchmark
-    from nnunet_feddah.results.targets import check_targets
+    from nnunet_feddah.research.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES, run_benchmark
+    from nnunet_feddah.research.targets import check_targets
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=DEFAULT_PLAN)

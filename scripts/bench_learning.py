@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.paths import nnunet_env
-    from nnunet_feddah.results.learning_curve import CurveSettings, format_summary, run_learning_curves
+    from nnunet_feddah.research.learning_curve import CurveSettings, format_summary, run_learning_curves
 
     defaults = CurveSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

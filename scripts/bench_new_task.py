@@ -3,7 +3,7 @@ with and without the inter-layer encoder — held-out Dice of the start and afte
 
 Prints numbers, asserts nothing. Per seed (phantom cohort seed = training seed; ≥ 3 seeds) one phantom site
 trains ``kidneys`` from DAHyper's initial base and ``liver`` from the trained kidneys network
-(:func:`nnunet_feddah.results.learning_curve.snapshot_runs`, the runs ``scripts/bench_server.py`` also
+(:func:`nnunet_feddah.research.learning_curve.snapshot_runs`, the runs ``scripts/bench_server.py`` also
 uses, shared through ``--pool``). A coordinator fits them as a stream would (kidneys in round 0 — it becomes
 the base — liver in round 1), then allocates the new task ``kidneys+liver`` in round 2 in one of three arms:
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(nnunet_env(pool))  # before any nnU-Net import
 
     from nnunet_feddah.nnunet.weights import load_weights, save_weights
-    from nnunet_feddah.results.learning_curve import CurveSettings, held_out_scorer, run_curve, snapshot_runs
+    from nnunet_feddah.research.learning_curve import CurveSettings, held_out_scorer, run_curve, snapshot_runs
     from nnunet_feddah.results.stats import mean_ci95
 
     def log(message: str) -> None:

@@ -9,7 +9,7 @@ Prints numbers, asserts nothing. Targets (never low-rank synthetic ones):
 * **CPU plan — real trained changes.** For every ``--seeds`` value one phantom site (cohort seed = training
   seed) trains kidneys from DAHyper's base for ``chunks`` × 50 iterations, then liver, spleen and pancreas
   from the trained kidneys network (FedDAH's allocation rule) for ``chunks`` × 25 iterations each — the
-  bundled plans, nnU-Net's loop and the per-task schedule of :mod:`nnunet_feddah.results.learning_curve`,
+  bundled plans, nnU-Net's loop and the per-task schedule of :mod:`nnunet_feddah.research.learning_curve`,
   every chunk's weights kept (cached under ``<out dir>/bench_server/pool``). A snapshot's *change* is its
   weights minus its run's start: 4 × ``chunks`` real changes per seed, 64 with the defaults. Task t of the
   stream has the organs of change ``t mod 64`` (with 100 tasks, later tasks reuse the changes) and uploads what AMR allocated it plus that change.
@@ -83,7 +83,7 @@ def real_changes(pool: Path, seeds: Sequence[int], chunks: int, log: Callable[[s
     os.environ.update(nnunet_env(pool))  # before any nnU-Net import: it reads the folders at import time
     from nnunet_feddah.nnunet.weights import load_weights
     from nnunet_feddah.organs import Task
-    from nnunet_feddah.results.learning_curve import snapshot_runs
+    from nnunet_feddah.research.learning_curve import snapshot_runs
 
     per_run, runs = [], snapshot_runs(pool, seeds, chunks, DONOR, FROM_DONOR, DONOR_CHUNK, ORGAN_CHUNK, log=log)
     for run in runs:

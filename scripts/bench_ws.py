@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_feddah.nnunet.datasets import nnunet_folders
     from nnunet_feddah.nnunet.network import hypernet_base
     from nnunet_feddah.paths import nnunet_env
-    from nnunet_feddah.results.benchmark import plan_for
-    from nnunet_feddah.results.ws_pairs import (
+    from nnunet_feddah.research.ws_pairs import (
         MEASURES,
         score_pairs,
         summarise,
@@ -37,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         upload_pairs,
         write_rows,
     )
+    from nnunet_feddah.results.replay import plan_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(REPO / "plans" / "phantom_bench.json"))

@@ -145,7 +145,7 @@ def test_ws_orders_labelled_pairs_of_real_models(real_run, phantom_federation):
     from nnunet_feddah.method.aggregate import Contribution
     from nnunet_feddah.method.amr import AMRConfig
     from nnunet_feddah.method.similarity import history_weight
-    from nnunet_feddah.results.ws_pairs import Pair, auroc, score_pairs
+    from nnunet_feddah.research.ws_pairs import Pair, auroc, score_pairs
 
     plan = parse_plan(plan_dict(), "plan.json")
     jobs, results = real_run["recorded"][3]  # round 4: both sites trained liver

@@ -9,7 +9,8 @@ from nnunet_feddah.federation.plan_reader import load_plan, parse_plan
 from nnunet_feddah.nnunet.round_config import RoundConfig, RoundConfigError
 from nnunet_feddah.organs import Task
 from nnunet_feddah.paths import bundled_plans_dir
-from nnunet_feddah.results.benchmark import plan_for, reference_donors, task_iterations
+from nnunet_feddah.research.benchmark import reference_donors, task_iterations
+from nnunet_feddah.results.replay import plan_for
 
 
 def _stream_facts(plan):
@@ -112,7 +113,7 @@ def test_benchmark_strategies_keep_feddahs_parameters_and_baselines_get_their_de
 
 def test_the_benchmarks_default_run_is_feddah_the_generators_two_ablations_and_the_four_baselines() -> None:
     from nnunet_feddah.method.registry import STRATEGIES
-    from nnunet_feddah.results.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES
+    from nnunet_feddah.research.benchmark import DEFAULT_STRATEGIES, QUICK_STRATEGIES
 
     assert set(DEFAULT_STRATEGIES) == {"feddah", "feddah-hypernet", "feddah-noLR", "feddah-noWs", "fedavg",
                                        "fedavg-per-task", "fedavg-per-task-donor", "local"}

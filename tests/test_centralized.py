@@ -14,8 +14,8 @@ import pytest
 
 from nnunet_feddah.federation.plan_reader import parse_plan
 from nnunet_feddah.federation.site_data import SiteData
-from nnunet_feddah.results import centralized
-from nnunet_feddah.results.centralized import PooledDatasetError, pool_task_dataset, pooled_dataset_name
+from nnunet_feddah.research import centralized
+from nnunet_feddah.research.centralized import PooledDatasetError, pool_task_dataset, pooled_dataset_name
 
 POOLED_ID = 961
 
@@ -133,7 +133,7 @@ def test_clear_refusals(plan, folders, tmp_path):
 @pytest.mark.slow  # 18-22 s measured on two busy cores
 def test_train_centralized_runs_a_few_iterations(plan, folders, tmp_path):
     """Two iterations of nnU-Net on the pooled kidneys (mostly trainer start-up)."""
-    from nnunet_feddah.results.centralized import train_centralized
+    from nnunet_feddah.research.centralized import train_centralized
 
     with pytest.raises(ValueError, match="multiple of the plan's local.iterations_per_epoch"):
         train_centralized(plan, "kidneys", 3, dataset_id=POOLED_ID, work_dir=tmp_path, folders=folders)

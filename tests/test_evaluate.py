@@ -134,7 +134,7 @@ STRATEGIES = ("feddah", "feddah-hypernet", "feddah-noLR", "feddah-noWs", "fedavg
 def mini_bench(phantom_federation, tmp_path_factory) -> dict:
     """Every strategy over two real rounds of a two-site plan (liver first, then spleen / kidneys), evaluated."""
     from nnunet_feddah.federation.plan_reader import parse_plan
-    from nnunet_feddah.results.benchmark import run_benchmark
+    from nnunet_feddah.research.benchmark import run_benchmark
 
     fed = phantom_federation
     plan = parse_plan({
@@ -195,7 +195,7 @@ def test_every_strategy_runs_and_is_reported(mini_bench):
 
 def test_a_resumed_finished_run_reuses_its_evaluation_in_another_report(mini_bench):
     """What --quick evaluated, the default run (another report folder, same runs) does not predict again."""
-    from nnunet_feddah.results.benchmark import run_benchmark
+    from nnunet_feddah.research.benchmark import run_benchmark
 
     lines: list[str] = []
     out = mini_bench["tmp"] / "report_again"
@@ -307,8 +307,8 @@ def test_predict_merges_every_task_into_amos_ids(mini_bench, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_writes_the_report_and_refuses_another_plan(mini_bench, tmp_path, capsys):
-    from nnunet_feddah.results.benchmark import plan_for
     from nnunet_feddah.results.evaluate import main as evaluate_main
+    from nnunet_feddah.results.replay import plan_for
 
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(plan_for(mini_bench["plan"], "fedavg").to_json()))
@@ -326,8 +326,8 @@ def test_evaluate_cli_writes_the_report_and_refuses_another_plan(mini_bench, tmp
 
 @pytest.mark.slow
 def test_compare_replays_the_identical_round_and_trains_the_rest(mini_bench, tmp_path):
-    from nnunet_feddah.results.benchmark import plan_for
     from nnunet_feddah.results.compare import compare, format_comparison
+    from nnunet_feddah.results.replay import plan_for
 
     plan = plan_for(mini_bench["plan"], "feddah")
     work = mini_bench["work"]

@@ -22,6 +22,7 @@ ALLOWED = {
     "federation": {"base", "method", "nnunet", "federation"},
     "data": {"base", "nnunet", "federation", "data"},
     "results": {"base", "method", "nnunet", "federation", "data", "results"},
+    "research": {"base", "method", "nnunet", "federation", "data", "results", "research"},
     "flower": {"base", "federation", "flower"},
 }
 # federation modules that must work without nnU-Net (the coordinator reads plans and runs rounds without it)
@@ -116,7 +117,7 @@ def test_modules_stay_short_unless_listed_with_a_reason():
 
 
 def test_every_room_says_what_it_holds_and_may_import():
-    for room in ("method", "nnunet", "federation", "flower", "data", "results"):
+    for room in ("method", "nnunet", "federation", "flower", "data", "results", "research"):
         doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text())) or ""
         assert "Holds" in doc or "holds" in doc or "only package" in doc, room
         assert "import" in doc, room

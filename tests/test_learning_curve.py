@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nnunet_feddah.results.learning_curve import TIME_BUDGET_S, CurveSettings, format_summary, plot_curves, summarise
+from nnunet_feddah.research.learning_curve import TIME_BUDGET_S, CurveSettings, format_summary, plot_curves, summarise
 
 
 def _rows(dice: list[float], seconds: list[float]) -> list[dict]:
@@ -41,7 +41,7 @@ def test_donor_start_keeps_the_donor_trunk_and_its_background_row(tmp_path: Path
     from nnunet_feddah.nnunet.shared_plans import load_template
     from nnunet_feddah.nnunet.weights import load_weights, save_weights
     from nnunet_feddah.organs import Task
-    from nnunet_feddah.results.learning_curve import donor_start_file
+    from nnunet_feddah.research.learning_curve import donor_start_file
 
     plans = load_template("cpu")
     base = hypernet_base(plans)  # 16 organ slots; the kidneys network has 3 outputs (background, both kidneys)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_feddah.federation.jobs import SiteJob, SiteResult
-from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key, relative_gap
+from nnunet_feddah.results.replay import ReplayingExecutor, job_key, relative_gap
 
 
 class CountingSites:

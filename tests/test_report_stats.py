@@ -235,7 +235,7 @@ def test_write_report_writes_json_table_and_plots(tmp_path):
 
 
 def test_check_targets_reads_the_means():
-    from nnunet_feddah.results.targets import check_targets
+    from nnunet_feddah.research.targets import check_targets
 
     lines = check_targets(build_report(_results(), "phantom-bench"))
     assert "PASS  feddah forgetting +0.010 (target ≤ 0.01)" in lines
@@ -243,7 +243,7 @@ def test_check_targets_reads_the_means():
 
 
 def test_check_targets_does_not_order_strategies_inside_their_interval():
-    from nnunet_feddah.results.targets import check_targets
+    from nnunet_feddah.research.targets import check_targets
 
     def no_ws(seed: int, shift: float) -> tuple[dict, dict]:
         evaluation, stats = _feddah(seed)
@@ -257,7 +257,7 @@ def test_check_targets_does_not_order_strategies_inside_their_interval():
 
 
 def test_check_targets_judges_the_per_task_ratio_and_the_old_tasks_on_paired_seeds():
-    from nnunet_feddah.results.targets import check_targets
+    from nnunet_feddah.research.targets import check_targets
 
     def shifted(seed: int, shift: float) -> tuple[dict, dict]:
         """FedDAH's numbers moved by ``shift``: the final mean and every Dice of the matrix."""
@@ -284,7 +284,7 @@ def test_check_targets_judges_the_per_task_ratio_and_the_old_tasks_on_paired_see
 
 
 def test_auroc_and_spearman_on_a_hand_made_table():
-    from nnunet_feddah.results.ws_pairs import auroc, spearman, summarise
+    from nnunet_feddah.research.ws_pairs import auroc, spearman, summarise
 
     assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert auroc([0.1, 0.9, 0.8, 0.2], [True, True, False, False]) == 0.5

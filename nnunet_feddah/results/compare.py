@@ -27,7 +27,7 @@ from nnunet_feddah.federation.lock import state_lock
 from nnunet_feddah.federation.plan import FederationPlan
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.site_data import validate_sites
-from nnunet_feddah.results.benchmark import ReplayingExecutor, job_key, plan_for
+from nnunet_feddah.results.replay import ReplayingExecutor, job_key, plan_for
 from nnunet_feddah.results.stats import mean_ci95
 
 COMPARISON_FILE = "comparison.json"

@@ -63,7 +63,7 @@ class Pair:
 
 def upload_pairs(plan: FederationPlan, work: Path, strategy: str = "feddah") -> list[Pair]:
     """Every accepted upload of a task with history in the run of ``strategy``, with the weights it was sent."""
-    from nnunet_feddah.results.benchmark import job_key
+    from nnunet_feddah.results.replay import job_key
 
     state = work / "states" / strategy
     committed = checkpoint.require_committed(state)
