@@ -121,3 +121,13 @@ def test_every_room_says_what_it_holds_and_may_import():
         doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text())) or ""
         assert "Holds" in doc or "holds" in doc or "only package" in doc, room
         assert "import" in doc, room
+
+
+def test_the_readme_room_table_names_every_module():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## What is here"):readme.index("## What the coordinator holds")]
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    missing = [rel for rel in _modules() if not rel.endswith("__init__.py") and Path(rel).stem not in named]
+    assert not missing, f"README.md's room table does not name: {missing}"
