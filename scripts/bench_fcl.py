@@ -12,9 +12,10 @@ cliff too) for fewer strategies and one seed: a reading to check a change by, wi
 Each seed draws its own phantom cohort and training seeds; every metric is reported as the mean ± 95 %
 confidence interval over seeds and as the paired per-seed difference against ``feddah``.
 
-``--many`` is the many-task instrument (issue 34): plans/phantom_many.json (4 sites, 13 tasks over 5 rounds: most
-go idle after one round and stay idle, liver, spleen, pancreas and stomach reach a second site later, liver+spleen
-is learned last on top of 12), the exact store ``fedavg-per-task-donor`` (which trains every site job), then
+``--many`` is the many-task instrument (issue 34): plans/phantom_many.json (4 sites, 13 tasks over 5 rounds: site1
+learns kidneys alone in round 1, then every site learns a new organ each round; most tasks go idle after one round
+and stay idle, liver, spleen, pancreas and stomach reach a second site later, liver+spleen is learned last on top
+of 12), the exact store ``fedavg-per-task-donor`` (which trains every site job), then
 ``feddah`` (4-bit idle store) and ``feddah-idleLowrank`` (the rank-8 generators, idle remainder dropped: a plain
 rank-8 per-task store) replayed over its uploads (``--replay-uploads``, nnunet_feddah.research.benchmark), and
 the centralized reference. The report adds server memory at every time step and each new task's Dice after its

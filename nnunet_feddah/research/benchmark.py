@@ -24,7 +24,7 @@ from typing import Any
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.federation.coordinator import Coordinator
 from nnunet_feddah.federation.lock import state_lock
-from nnunet_feddah.federation.plan import FederationPlan
+from nnunet_feddah.federation.plan import FederationPlan, plan_hash
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.method.donor import FittedTask, donor_start
 from nnunet_feddah.method.registry import STRATEGIES
@@ -188,7 +188,8 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
     site = next(iter(validate_sites(plan, check_cases=False).values()))
     base = hypernet_base(json.loads(site.plans_file.read_text()))
     executor = ReplayingExecutor(InProcessExecutor(plan, work / "sites", device),
-                                 store=work / ("replay_uploads" if replay_uploads else "replay"),
+                                 # uploads are replayed whatever their start: never across plans
+                                 store=work / (f"replay_uploads_{plan_hash(plan)}" if replay_uploads else "replay"),
                                  replay_uploads=replay_uploads)
     predictions: ResultCache = {}  # one seed's held-out cases: identical weights are evaluated once
     results: dict[str, tuple[dict, dict]] = {}
