@@ -229,12 +229,37 @@ def run_seed(plan: FederationPlan, strategies: Sequence[str], work: Path, out: P
         log(f"[bench] seed {plan.seed} {name:<21} final Dice {format_metric(evaluation['final_mean_dice'])} "
             f"forgetting {format_metric(evaluation['forgetting'])} BWT {format_metric(evaluation['bwt'])}  run "
             f"{run_s:.0f} s (+{executor.replayed_s - replayed_before:.0f} s replayed), {evaluated}")
+    if replay_uploads and strategies:  # the replay of the strategy that trained every job is its live run, bit for bit
+        first = strategies[0]
+        same = replay_reproduces(plan_for(plan, first), work / "states", first, base, site.fingerprint, executor)
+        results[first][1]["replay_reproduces_live"] = int(same)
+        log(f"[bench] seed {plan.seed} {first} replayed from the stored uploads into a fresh state: "
+            f"{'bit-identical to the live run' if same else 'DIFFERENT from the live run'}")
     if centralized:
         results[CENTRALIZED] = run_centralized(plan, work / CENTRALIZED, base, device, log=log)
     if counts is not None:
         counts["trained_jobs"] = counts.get("trained_jobs", 0) + executor.trained
         counts["replayed_jobs"] = counts.get("replayed_jobs", 0) + executor.replayed
     return results
+
+
+def replay_reproduces(plan: FederationPlan, states: Path, name: str, base: Mapping[str, Any], fingerprint: str,
+                      executor: ReplayingExecutor) -> bool:
+    """Run ``name`` again into a fresh state with every job replayed; True when its committed strategy file and
+    every time-step snapshot hash like the live run's (the evidence that upload replay gives the same states)."""
+    import shutil
+
+    from nnunet_feddah.federation import checkpoint
+    from nnunet_feddah.nnunet.network import is_head
+
+    fresh = states / f"{name}.replay_check"
+    shutil.rmtree(fresh, ignore_errors=True)
+    trained_before = executor.trained
+    Coordinator.open(plan, fresh, base, is_head, fingerprint, log=lambda *_: None).run(executor)
+    live, again = (checkpoint.require_committed(s).record for s in (states / name, fresh))
+    shutil.rmtree(fresh)
+    return executor.trained == trained_before and (live["strategy_sha256"], live.get("snapshots")) == (
+        again["strategy_sha256"], again.get("snapshots"))
 
 
 def run_benchmark(plan: FederationPlan, strategies: Sequence[str], seeds: Sequence[int], work: Path, out: Path,
