@@ -162,10 +162,7 @@ class Coordinator:
                           (r.metrics.get("predictive_js") or {}).get("all")) for j, r in accepted]
         reports = self.strategy.update(uploads, round_index) if uploads else []
         for (job, result), report in zip(accepted, reports, strict=True):
-            kept = {k: v for k, v in report.items() if k in (
-                "seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift", "update_lost",
-                "generator_lost", "case_weight", "keep", "contributions", "js_divergence", "predictive_js",
-                "ws_measure")}
+            kept = dict(report)  # the strategy decides what its report records (Strategy.update)
             # the share of this site's own change the weights sent next lack (averaging and W_s included)
             kept["site_change_lost"] = change_lost(job.weights, result.weights, self.strategy.task_weights(job.task))
             summary.sites[job.site]["update"] = kept

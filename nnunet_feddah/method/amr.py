@@ -142,8 +142,18 @@ class AMRReport:
     shared_explained: float | None = None  # share of the task's generator-output error stage 1 explained
     delta_carried: float | None = None  # 1 − ‖generators alone − W*‖ / ‖W* − base‖ (None: W* is the base)
 
+    #: What a round's history keeps of a report (the losses, step counts and diagnostics of the fit stay in
+    #: the in-memory report, for the benchmarks that read them).
+    RECORDED = ("seconds", "similarity", "fidelity_rel_l2", "upload_rel_l2", "rebased", "drift", "update_lost",
+                "generator_lost", "case_weight", "keep", "contributions", "js_divergence", "predictive_js",
+                "ws_measure")
+
     def to_json(self) -> dict:
         return asdict(self)
+
+    def record(self) -> dict:
+        """The part of the report a round's history keeps."""
+        return {k: v for k, v in asdict(self).items() if k in self.RECORDED}
 
 
 def _carried(base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],

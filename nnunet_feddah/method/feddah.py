@@ -61,7 +61,7 @@ class FedDAHStrategy(Strategy):
                                                                u.predictive_js))
         reports = self.amr.update_round(by_task, round_index)
         remaining = {task: iter(group) for task, group in reports.items()}
-        return [next(remaining[u.task]).to_json() for u in uploads]
+        return [next(remaining[u.task]).record() for u in uploads]
 
     def update_notes(self) -> dict[str, Any]:
         """Tasks the last update compressed (went idle) and the share of their weights that cost."""

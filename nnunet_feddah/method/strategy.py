@@ -74,7 +74,10 @@ class Strategy(ABC):
 
     @abstractmethod
     def update(self, uploads: Sequence[Upload], round_index: int) -> list[dict[str, Any]]:
-        """Fold the round's accepted uploads in; returns one JSON-able report per upload, in upload order."""
+        """Fold the round's accepted uploads in; returns one JSON-able report per upload, in upload order.
+
+        The coordinator records each report whole in the round's history (``checkpoint.json``): a report holds
+        what is worth keeping per upload and round, nothing that grows with the upload's size."""
 
     def update_notes(self) -> dict[str, Any]:
         """What the last :meth:`update` did beyond the uploads' reports (JSON-able; logged with the round)."""
