@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from nnunet_feddah.data import amos
+from nnunet_feddah.federation.plan import FederationPlanError
 from nnunet_feddah.federation.plan_reader import load_plan
 from nnunet_feddah.federation.site_data import validate_sites
 from nnunet_feddah.organs import annotated_organs
@@ -157,6 +158,12 @@ def test_amos_conversion_to_federation(nnunet_work: Path, tmp_path: Path) -> Non
 
     fingerprints = install_from_site_statistics(list(SITE_IDS), "cpu", tmp_path / "fingerprint", log=lambda *_: None)
     assert len(set(fingerprints.values())) == 1
+    with pytest.raises(FederationPlanError, match=r"4 training case\(s\); nnU-Net's 5-fold split.*splits_final"):
+        validate_sites(plan)  # too few cases for nnU-Net's default split: every round would fail in it
+    for path in paths:  # the fix the refusal names: the site gives nnU-Net its own split
+        cases = sorted(p.name.removesuffix(".nii.gz") for p in (path / "labelsTr").iterdir())
+        split = [{"train": cases[:3], "val": cases[3:]}]
+        (nnunet_work / "nnUNet_preprocessed" / path.name / "splits_final.json").write_text(json.dumps(split))
     found = validate_sites(plan)
     assert set(found) == {"site1", "site2"} and len({d.fingerprint for d in found.values()}) == 1
     merged = json.loads((tmp_path / "fingerprint" / "dataset_fingerprint.json").read_text())

@@ -112,7 +112,7 @@ def test_report_json_matches_its_schema(tmp_path):
                           "wall_s", "bytes_per_site_round", "per_seed", "ci95", "n_seeds"}
     assert "paired_vs_feddah" in report["strategies"]["fedavg"] and "paired_vs_feddah" not in entry
     assert entry["dice_matrix"]["values"][1][0] is None
-    assert "| feddah | 1 | 0.750 | +0.100 | -0.100 | 0.00 (5.0) |" in (tmp_path / "report.md").read_text()
+    assert "| feddah | 1 | 0.750 | +0.100 | -0.100 | – | 0.00 (5.0) |" in (tmp_path / "report.md").read_text()
     for png in ("dice_matrix_feddah.png", "dice_matrix_fedavg.png", "dice_over_time.png", "strategy_comparison.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     broken = json.loads(path.read_text())
