@@ -34,9 +34,13 @@ REMOTE_FILE = "remote_run.json"
 
 
 def stage_app(folder: Path) -> Path:
-    """A clean copy of the app directory to pack (the installed package may be read-only)."""
+    """A clean copy of the app directory to pack (the installed package may be read-only).
+
+    Owner-only like everything in a state folder: copytree would copy the package's 0755/0644 modes."""
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(app_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
     return folder
 
 
