@@ -251,7 +251,7 @@ def probe_cli(work: Path) -> Path:
     nnfeddah = [sys.executable, "-m", "nnunet_feddah.cli"]
     raw = Path(env["nnUNet_raw"])
     if not any(raw.glob("Dataset951_*")):
-        subprocess.run([*nnfeddah, "phantom", "--out", str(raw), "--sites", "1", "--train", "4", "--test", "2",
+        subprocess.run([*nnfeddah, "phantom", "--out", str(raw), "--sites", "1", "--train", "5", "--test", "2",
                         "--first-id", "951", "--seed", "3"], env=env, check=True, capture_output=True)
         subprocess.run([*nnfeddah, "plans", "install", "--template", "cpu", "-d", "951"], env=env, check=True,
                        capture_output=True)

@@ -69,6 +69,12 @@ def test_upload_replay_trains_each_slot_once_and_lays_its_change_onto_the_new_st
     assert abs(replay.start_gaps[-1] - (6 * 0.25) ** 0.5 / (9 * 4) ** 0.5) < 1e-12
     assert relative_gap({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.ones(2)}) == 0.0
     # a later process reads the start it was trained from back from the store
+    # a change float32 cannot add back exactly: the same start still gets the upload's exact bytes
+    odd = ReplayingExecutor(lambda jobs, d: {s: SiteResult(s, j.round, j.task, {k: v + 0.1 * torch.randn(v.shape)
+                                                                               for k, v in j.weights.items()}, {}, 1.0)
+                                             for s, j in jobs.items()}, replay_uploads=True)
+    start = job("c", 0.3, round_number=3)
+    assert torch.equal(odd({"c": start}, 60)["c"].weights["w"], odd({"c": start}, 60)["c"].weights["w"])
     later = ReplayingExecutor(CountingSites(), store=tmp_path, replay_uploads=True)
     assert torch.equal(later({"a": job("a", 0.0, round_number=2)}, 60)["a"].weights["w"], torch.full((2, 3), 2.0))
     assert later.trained == 0 and later.replayed == 1

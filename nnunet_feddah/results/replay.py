@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nnunet_feddah.atomic import atomic_write_json
 from nnunet_feddah.federation.jobs import SiteJob, SiteResult
 from nnunet_feddah.federation.plan import FederationPlan
@@ -107,8 +109,9 @@ class ReplayingExecutor:
         if self.replay_uploads:
             trained_from = self.starts[key]
             self.start_gaps.append(relative_gap(job.weights, trained_from, cached.weights))
-            weights = {k: (job.weights[k] + (v - trained_from[k])) if k in trained_from else v
-                       for k, v in weights.items()}
+            # a tensor sent exactly as before keeps the upload's exact bytes (start + (upload − start) would round)
+            weights = {k: v if k not in trained_from or torch.equal(job.weights[k], trained_from[k])
+                       else job.weights[k] + (v - trained_from[k]) for k, v in weights.items()}
         return replace(cached, weights=weights, metrics=dict(cached.metrics))
 
     def __call__(self, jobs: Mapping[str, SiteJob], deadline_s: float) -> dict[str, Any]:
