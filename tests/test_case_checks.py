@@ -46,35 +46,26 @@ def test_a_clean_site_passes(clean_site: Path) -> None:
     assert label_values(json.loads((clean_site / "dataset.json").read_text())) >= {0, 2, 3, 6}
 
 
-def test_a_nan_block_in_an_image_is_named(site: Path) -> None:
-    image = sorted((site / "imagesTr").iterdir())[1]
-
-    def poison(array: np.ndarray) -> np.ndarray:  # the phantom writes int16 CT; a float export can hold NaN
-        array = array.astype(np.float32)
-        array[4:8, 4:8, 4:8] = np.nan
-        return array
-
-    _edit(image, poison)
-    with pytest.raises(CaseError, match=rf"{image.name} has 64 NaN or infinite voxel\(s\).*Fix"):
-        check_raw_dataset(site)
+def _nan_block(array: np.ndarray) -> np.ndarray:  # the phantom writes int16 CT; a float export can hold NaN
+    array = array.astype(np.float32)
+    array[4:8, 4:8, 4:8] = np.nan
+    return array
 
 
-def test_an_undeclared_label_value_is_named(site: Path) -> None:
-    label = sorted((site / "labelsTr").iterdir())[0]
-
-    def relabel(array: np.ndarray) -> np.ndarray:
-        array[0, 0, 0] = 99
-        return array
-
-    _edit(label, relabel)
-    with pytest.raises(CaseError, match=rf"{label.name} holds label value\(s\) \[99\].*'labels'"):
-        check_raw_dataset(site)
+def _label_99(array: np.ndarray) -> np.ndarray:
+    array[0, 0, 0] = 99
+    return array
 
 
-def test_a_label_off_its_images_grid_is_named(site: Path) -> None:
-    label = sorted((site / "labelsTr").iterdir())[1]
-    _edit(label, spacing_factor=1.5)
-    with pytest.raises(CaseError, match=rf"{label.name} has spacing .* its image .*Fix"):
+@pytest.mark.parametrize(("folder", "index", "edit", "expected"), [
+    ("imagesTr", 1, {"change": _nan_block}, r"has 64 NaN or infinite voxel\(s\).*Fix"),
+    ("labelsTr", 0, {"change": _label_99}, r"holds label value\(s\) \[99\].*'labels'"),
+    ("labelsTr", 1, {"spacing_factor": 1.5}, r"has spacing .* its image .*Fix"),
+], ids=["nan_block_in_an_image", "undeclared_label_value", "label_off_its_images_grid"])
+def test_a_broken_file_is_named(site: Path, folder: str, index: int, edit: dict, expected: str) -> None:
+    broken = sorted((site / folder).iterdir())[index]
+    _edit(broken, **edit)
+    with pytest.raises(CaseError, match=rf"{broken.name} {expected}"):
         check_raw_dataset(site)
 
 

@@ -48,12 +48,11 @@ def check_case(case: str, image_files: Sequence[str], label_file: str, images: n
     if images.shape[1:] != segmentation.shape[1:]:
         raise CaseError(f"{where}: {label_file} has shape {segmentation.shape[1:]}, its image "
                         f"{image_files[0]} {images.shape[1:]}. Fix: the label must be drawn on its image's grid")
-    for field in ("spacing",):
-        image_value, label_value = image_properties.get(field), label_properties.get(field)
-        if image_value is not None and label_value is not None and not np.allclose(
-                image_value, label_value, rtol=GEOMETRY_RTOL):
-            raise CaseError(f"{where}: {label_file} has {field} {list(label_value)}, its image {image_files[0]} "
-                            f"{list(image_value)}. Fix: re-export the label on its image's grid")
+    image_spacing, label_spacing = image_properties.get("spacing"), label_properties.get("spacing")
+    if image_spacing is not None and label_spacing is not None and not np.allclose(
+            image_spacing, label_spacing, rtol=GEOMETRY_RTOL):
+        raise CaseError(f"{where}: {label_file} has spacing {list(label_spacing)}, its image {image_files[0]} "
+                        f"{list(image_spacing)}. Fix: re-export the label on its image's grid")
     image_itk, label_itk = image_properties.get("sitk_stuff") or {}, label_properties.get("sitk_stuff") or {}
     for field in ("origin", "direction"):
         if field in image_itk and field in label_itk and not np.allclose(
