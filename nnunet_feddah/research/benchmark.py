@@ -254,8 +254,12 @@ def replay_reproduces(plan: FederationPlan, states: Path, name: str, base: Mappi
 
     fresh = states / f"{name}.replay_check"
     shutil.rmtree(fresh, ignore_errors=True)
-    trained_before = executor.trained
+    trained_before, replayed_before, replayed_s_before = executor.trained, executor.replayed, executor.replayed_s
+    gaps_before = len(executor.start_gaps)
     Coordinator.open(plan, fresh, base, is_head, fingerprint, log=lambda *_: None).run(executor)
+    # the check is not part of any strategy's run: its replays are not counted in the report's job totals
+    executor.replayed, executor.replayed_s = replayed_before, replayed_s_before
+    del executor.start_gaps[gaps_before:]
     live, again = (checkpoint.require_committed(s).record for s in (states / name, fresh))
     shutil.rmtree(fresh)
     return executor.trained == trained_before and (live["strategy_sha256"], live.get("snapshots")) == (
